@@ -1,0 +1,155 @@
+"""`test IMAGE`: what reaches the model for each kind of file, bad input, CONV_rslt.png."""
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import CNNclassify as C
+from conftest import ROOT, run_cli
+
+RED_RGB = (255, 0, 0)
+
+
+def model_input(path):
+    return C.image_to_input(C.read_image(path))
+
+
+def solid_bgr(h, w, rgb, dtype=np.uint8):
+    scale = 257 if dtype == np.uint16 else 1
+    image = np.zeros((h, w, 3), dtype)
+    image[:] = [c * scale for c in rgb[::-1]]
+    return image
+
+
+@pytest.mark.parametrize("name,dtype", [("red.png", np.uint8), ("red16.png", np.uint16), ("red.bmp", np.uint8),
+                                        ("red.webp", np.uint8), ("red.tiff", np.uint8), ("red16.tif", np.uint16)])
+def test_lossless_formats_reach_the_model_as_red(tmp_path, name, dtype):
+    params = [cv2.IMWRITE_WEBP_QUALITY, 101] if name.endswith("webp") else []  # 101 = lossless
+    assert cv2.imwrite(str(tmp_path / name), solid_bgr(40, 50, RED_RGB, dtype), params)
+    x = model_input(tmp_path / name)
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+    assert torch.equal(x[0, 0], torch.ones(32, 32)) and torch.equal(x[0, 1:], torch.zeros(2, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["red.jpg", "red.JPEG"])
+def test_jpeg_any_extension_case_is_red_not_blue(tmp_path, name):
+    assert cv2.imwrite(str(tmp_path / name), solid_bgr(64, 64, RED_RGB), [cv2.IMWRITE_JPEG_QUALITY, 100])
+    x = model_input(tmp_path / name)[0]
+    assert x[0].mean() > 0.95 and x[1].mean() < 0.05 and x[2].mean() < 0.05
+
+
+def test_grey_becomes_three_equal_channels(tmp_path):
+    grey = np.full((30, 30), 128, np.uint8)
+    cv2.imwrite(str(tmp_path / "g.png"), grey)
+    x = model_input(tmp_path / "g.png")[0]
+    assert torch.allclose(x, torch.full((3, 32, 32), 128 / 255))
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    bgra = np.zeros((32, 32, 4), np.uint8)
+    bgra[:, :16] = [0, 0, 255, 255]  # left half opaque red
+    bgra[:, 16:] = [0, 0, 0, 0]      # right half fully transparent (black underneath)
+    cv2.imwrite(str(tmp_path / "a.png"), bgra)
+    x = model_input(tmp_path / "a.png")[0]
+    assert torch.equal(x[:, :, :16], torch.tensor([1.0, 0, 0]).view(3, 1, 1).expand(3, 32, 16))
+    assert torch.equal(x[:, :, 16:], torch.ones(3, 32, 16))
+
+
+@pytest.mark.parametrize("h,w", [(1200, 1600), (5, 7), (32, 32), (300, 451)])
+def test_any_size_becomes_32x32_with_content_kept(tmp_path, h, w):
+    bgr = solid_bgr(h, w, (0, 0, 255))
+    bgr[:, : w // 2] = [0, 255, 0]  # left half green, right half blue
+    cv2.imwrite(str(tmp_path / "s.png"), bgr)
+    x = model_input(tmp_path / "s.png")[0]
+    assert x.shape == (3, 32, 32)
+    assert x[1, :, :8].min() > 0.9 and x[2, :, -8:].min() > 0.9 and x[0].max() < 0.1
+
+
+def test_same_size_image_reaches_model_unchanged(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), rgb[:, :, ::-1])
+    assert torch.equal(model_input(tmp_path / "x.png")[0], torch.from_numpy(rgb).permute(2, 0, 1) / 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    rgb[:20] = [255, 0, 0]  # top half red as stored; EXIF 3 = rotate 180, so it shows at the bottom
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(rgb).save(tmp_path / "phone.jpg", quality=100, exif=exif)
+    x = model_input(tmp_path / "phone.jpg")[0]
+    assert x[0, -8:].mean() > 0.9 and x[0, :8].mean() < 0.1
+
+
+def test_conv_maps_are_the_first_layer_of_the_same_forward(shipped_model):
+    x = torch.rand(1, 3, 32, 32)
+    probabilities, maps = C.predict(shipped_model, x)
+    with torch.no_grad():
+        assert torch.equal(maps, shipped_model.first_layer(x)[0])
+        assert torch.allclose(probabilities, shipped_model(x).softmax(1)[0])
+    assert maps.shape == (32, 28, 28)
+
+
+def test_cli_prints_prediction_then_top3_and_saves_figure(tmp_path, shipped_model):
+    result = run_cli("test", "car.png", cwd=tmp_path)  # bare name found in test_images/
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("prediction result: ") and lines[0].split(": ")[1] in C.CLASSES
+    assert len(lines) == 4 and lines[1].strip().startswith("1. " + lines[0].split(": ")[1])
+    figure = cv2.imread(str(tmp_path / "CONV_rslt.png"))
+    assert figure is not None and figure.shape[1] >= 1000
+
+
+def test_cli_predictions_match_batch_predictions_on_real_images(tmp_path, cifar, shipped_model, capsys):
+    images, labels = cifar["test"]
+    picks = list(range(0, 10000, 500))
+    for i in picks:
+        cv2.imwrite(str(tmp_path / f"{i}.png"), images[i].permute(1, 2, 0).numpy()[:, :, ::-1])
+    with torch.no_grad():
+        expected = shipped_model(C.to_float(images[picks])).argmax(1).tolist()
+    predicted = []
+    for i in picks:
+        assert C.main(["test", str(tmp_path / f"{i}.png"), "--out", str(tmp_path / "c.png")]) == 0
+        predicted.append(C.CLASSES.index(capsys.readouterr().out.splitlines()[0].split(": ")[1]))
+    assert predicted == expected
+    assert np.mean(np.array(predicted) == labels[picks].numpy()) >= 0.75
+
+
+def make_bad_inputs(folder):
+    (folder / "dir.png").mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image at all\n")
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", image)
+    (folder / "truncated.png").write_bytes(png.tobytes()[: len(png) // 2])
+    ok, jpg = cv2.imencode(".jpg", image)
+    (folder / "truncated.jpg").write_bytes(jpg.tobytes()[: len(jpg) // 2])
+    header = bytearray(png.tobytes()[:33])  # signature + IHDR; width field set to 0
+    header[16:20] = (0).to_bytes(4, "big")
+    (folder / "zero_width.png").write_bytes(bytes(header) + png.tobytes()[33:])
+
+
+@pytest.mark.parametrize("name,problem", [("missing.png", "no such file"), ("dir.png", "directory"),
+                                          ("empty.png", "empty file"), ("notes.png", "not an image"),
+                                          ("truncated.png", "not an image"), ("truncated.jpg", "truncated"),
+                                          ("zero_width.png", "not an image")])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, name, problem, shipped_model):
+    make_bad_inputs(tmp_path)
+    (tmp_path / "CONV_rslt.png").write_bytes(b"earlier result")
+    result = run_cli("test", tmp_path / name, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and name in err[0] and problem in err[0] and "Traceback" not in result.stderr
+    assert (tmp_path / "CONV_rslt.png").read_bytes() == b"earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_missing_model_says_train_first(tmp_path):
+    shutil.copy(ROOT / "test_images" / "car.png", tmp_path)
+    result = run_cli("test", "car.png", "--model", tmp_path / "none.pt", cwd=tmp_path)
+    assert result.returncode == 2 and "python CNNclassify.py train" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "CONV_rslt.png").exists()

@@ -97,8 +97,13 @@ def write_fixture_records(folder):
 def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     model_dir, records = write_fixture_records(tmp_path)
     out = tmp_path / "report"
-    result = run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n")
+    result = run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, "--readme", readme)
     assert result.returncode == 0, result.stderr
+    updated = readme.read_text()
+    assert updated.startswith("intro\n<!-- results:start -->\n| item | result |") and updated.endswith("<!-- results:end -->\noutro\n")
+    assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
     markdown = (out / "report.md").read_text()
     for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
                  "seed 2 epoch  2/2", "python CNNclassify.py train --seeds 0 1 2"]:

@@ -77,6 +77,11 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2, no traceback."""
 
 
+def first_line(error):
+    """An exception's message cut to its first line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def log(message):
     """Progress and notes go to stderr so stdout carries results only."""
     print(message, file=sys.stderr, flush=True)
@@ -125,6 +130,9 @@ def write_atomically(path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -182,7 +190,7 @@ def ensure_cifar(data_dir, url=None, md5=None):
     try:
         download_and_extract_archive(url, download_root=str(data_dir), md5=md5)
     except Exception as error:  # network down, bad checksum, bad archive: all one message
-        raise UserError(f"could not get CIFAR-10 ({type(error).__name__}: {error}); put the "
+        raise UserError(f"could not get CIFAR-10 ({type(error).__name__}: {first_line(error)}); put the "
                         f"'{CIFAR_FOLDER}' folder inside {data_dir} or pass --data-dir") from None
     if not cifar_present(data_dir):
         raise UserError(f"the archive from {url} did not contain {CIFAR_FOLDER}/")
@@ -196,7 +204,7 @@ def load_cifar(data_dir, url=None, md5=None):
         parts = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN_FILES]
         test = read_cifar_batch(folder / CIFAR_TEST_FILE)
     except Exception as error:
-        raise UserError(f"cannot read CIFAR-10 in {folder}: {error}") from None
+        raise UserError(f"cannot read CIFAR-10 in {folder}: {first_line(error)}") from None
     train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     return {"train": train, "test": test}
 
@@ -356,14 +364,19 @@ def save_checkpoint(path, model, extra):
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path):
+def load_torch_file(path, missing_message):
+    """torch.load(weights_only=True) of a local file: tensors and plain data, never code."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no trained model at {path}; run `python CNNclassify.py train` first")
+        raise UserError(missing_message)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"cannot read the model file {path}: {error}") from None
+        raise UserError(f"{path}: not a readable PyTorch file ({first_line(error)})") from None
+
+
+def load_checkpoint(path):
+    return load_torch_file(path, f"no trained model at {path}; run `python CNNclassify.py train` first")
 
 
 def load_cnn(path=None, device="cpu"):
@@ -756,13 +769,7 @@ class ResNet20(nn.Module):
 def fetch_resnet20_checkpoint(source):
     """A local path, or a URL fetched into the torch hub cache with its sha256 prefix checked."""
     if "://" not in source:
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"{path}: no such weights file")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+        return load_torch_file(source, f"{source}: no such weights file")
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     try:
         return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True,
@@ -794,7 +801,7 @@ def load_resnet20(source=RESNET20_URL):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise UserError(f"{source}: does not fit ResNet-20 ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{source}: does not fit ResNet-20 ({first_line(error)})") from None
     return model.eval()
 
 
@@ -891,7 +898,9 @@ def inference_speed_test(args):
     Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "threads", "input"}.
     """
     device = pick_device(args.device)
-    models = [("CNN (ours)", load_cnn(args.model, device)), ("ResNet-20", load_resnet20(args.weights).to(device))]
+    cnn = load_cnn(args.model, device)
+    models = [("CNN (ours)", cnn), ("CNN, one view", OneView(cnn).eval()),
+              ("ResNet-20", load_resnet20(args.weights).to(device))]
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for name, model in models:
@@ -905,9 +914,11 @@ def inference_speed_test(args):
 def speed_lines(speed):
     lines = [f"device {speed['device']}, {speed['threads']} torch threads, input {speed['input']}, "
              f"{speed['warmup']} warm-up + {speed['iterations']} timed iterations",
-             f"{'model':<12s} {'mean ms':>9s} {'median ms':>10s} {'p95 ms':>8s}"]
-    lines += [f"{m['name']:<12s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}"
+             f"{'model':<14s} {'mean ms':>9s} {'median ms':>10s} {'p95 ms':>8s}"]
+    lines += [f"{m['name']:<14s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}"
               for m in speed["models"]]
+    lines.append("CNN (ours) is the model as shipped: it also classifies the mirrored image and averages;"
+                 " 'one view' skips that.")
     return lines
 
 

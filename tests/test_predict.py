@@ -153,3 +153,11 @@ def test_missing_model_says_train_first(tmp_path):
     result = run_cli("test", "car.png", "--model", tmp_path / "none.pt", cwd=tmp_path)
     assert result.returncode == 2 and "python CNNclassify.py train" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "CONV_rslt.png").exists()
+
+
+def test_corrupt_model_file_is_one_line(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    result = run_cli("test", "car.png", "--model", tmp_path / "broken.pt", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "broken.pt" in err[0] and "not a readable PyTorch file" in err[0]

@@ -64,7 +64,7 @@ def test_profile_counts_resnet20_params_and_leaves_models_untouched(weights, par
 def test_inference_speed_test_times_both_models(tmp_path, shipped_model):
     args = Namespace(device="cpu", warmup=2, iterations=5, model=str(C.MODEL_DIR / C.MAIN_MODEL), weights=str(WEIGHTS_B))
     result = C.inference_speed_test(args)
-    assert [m["name"] for m in result["models"]] == ["CNN (ours)", "ResNet-20"]
+    assert [m["name"] for m in result["models"]] == ["CNN (ours)", "CNN, one view", "ResNet-20"]
     for m in result["models"]:
         assert 0 < m["median_ms"] <= m["p95_ms"] and m["mean_ms"] > 0
     assert result["device"] == "cpu" and result["iterations"] == 5

@@ -1,8 +1,11 @@
 """Data, model and training: fast checks on synthetic data, one short run on real data."""
+import functools
 import hashlib
+import http.server
 import json
 import pickle
 import tarfile
+import threading
 from argparse import Namespace
 
 import numpy as np
@@ -41,20 +44,36 @@ def make_fake_cifar(folder, n=64):
         write_fake_batch(folder / name, n, bytes_keys=True, seed=i)
 
 
-def test_download_path_with_checksum(tmp_path):
-    """Download from a file:// archive built from the real batches, MD5 checked."""
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on loopback serving tmp_path/served, stopped after the test."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_path_with_checksum(tmp_path, local_server):
+    """The real download code, fed an archive of the real batches over loopback HTTP, MD5 checked."""
     if not (CIFAR_DIR / C.CIFAR_FOLDER).is_dir():
         pytest.skip("real CIFAR-10 not found")
-    archive = tmp_path / "cifar-10-python.tar.gz"
+    served, base_url = local_server
+    archive = served / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
         tar.add(CIFAR_DIR / C.CIFAR_FOLDER, arcname=C.CIFAR_FOLDER)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    data = C.load_cifar(tmp_path / "data", url=archive.as_uri(), md5=md5)
+    data = C.load_cifar(tmp_path / "data", url=f"{base_url}/{archive.name}", md5=md5)
     assert data["train"][0].shape == (50000, 3, 32, 32) and data["test"][0].shape == (10000, 3, 32, 32)
     assert (tmp_path / "data" / C.CIFAR_FOLDER / "test_batch").is_file()
 
     with pytest.raises(C.UserError, match="could not get CIFAR-10"):
-        C.load_cifar(tmp_path / "other", url=archive.as_uri(), md5="0" * 32)
+        C.load_cifar(tmp_path / "other", url=f"{base_url}/{archive.name}", md5="0" * 32)
 
 
 def test_no_dataset_and_no_network_is_one_clear_line(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,39 @@
+"""Accuracy against training time: the default recipe with shorter schedules, one seed each.
+
+Each run is a full schedule (warm-up and decay fitted to its epoch count), so its final
+accuracy is what a user would get by asking `train --epochs E`.
+
+    python bench/frontier.py --data-dir ../shared/cifar10 --epochs 4 7 | tee bench/frontier_cpu_2core.txt
+"""
+import argparse
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import CNNclassify as C  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[4, 7])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    data = C.load_cifar(args.data_dir)
+    rows = []
+    for epochs in args.epochs:
+        _, history, seconds = C.train_one_seed(data, args.seed, Namespace(device="cpu", subset=0, epochs=epochs),
+                                               dict(C.HYPERPARAMETERS))
+        rows.append((epochs, seconds, history[-1]["test_accuracy"]))
+    machine = C.machine_description(torch.device("cpu"))
+    print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}; seed {args.seed}")
+    print(f"{'epochs':>6s} {'train seconds':>14s} {'final test acc':>15s}")
+    for epochs, seconds, accuracy in rows:
+        print(f"{epochs:6d} {seconds:14.1f} {accuracy:14.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -955,6 +955,9 @@ def gather_report(args):
     results = read_record(model_dir / RESULTS_FILE, "python CNNclassify.py train --seeds 0 1 2", missing)
     if results:
         runs = results["runs"]
+        machine = results["machine"]
+        summary.append(("machine (training)", f"{machine['cpu']}, {machine['cpu_count']} cores, "
+                        f"{machine['torch_threads']} torch threads, {machine['device']}, torch {machine['torch']}"))
         summary.append(("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} "
                         f"(mean +/- numpy.std, seeds {', '.join(str(r['seed']) for r in runs)})"))
         summary.append(("CNN training time per seed", f"{np.mean([r['train_seconds'] for r in runs]):.0f} s "

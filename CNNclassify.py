@@ -56,10 +56,10 @@ CIFAR_TEST_FILE = "test_batch"
 HYPERPARAMETERS = {
     "epochs": 11,
     "batch_size": 512,
-    "lr": 0.75,               # peak learning rate for the batch-mean loss
+    "lr_per_1024": 1.5,       # peak lr of the batch-mean loss is this x batch_size / 1024
     "bias_lr_scale": 64.0,    # BatchNorm biases learn this much faster (airbench94)
     "momentum": 0.85,
-    "decay_per_step": 1e-3,   # weight decay per step at peak lr, independent of lr
+    "decay_per_1024": 2e-3,   # weight decay per step at peak lr is this x batch_size / 1024
     "warmup_fraction": 0.2,   # lr rises from 0.2x to 1x over this share of steps
     "label_smoothing": 0.2,
     "translate": 2,           # random shift in pixels, reflect padding
@@ -393,12 +393,18 @@ def load_cnn(path=None, device="cpu"):
 # ----------------------------------------------------------------------------- training
 
 def make_optimizer(model, hyp):
-    """Nesterov SGD; BN biases get a higher lr, and decay is set per step, apart from lr."""
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
-    lr, bias_lr = hyp["lr"], hyp["lr"] * hyp["bias_lr_scale"]
-    groups = [{"params": biases, "lr": bias_lr, "weight_decay": hyp["decay_per_step"] / bias_lr},
-              {"params": others, "lr": lr, "weight_decay": hyp["decay_per_step"] / lr}]
+    """Nesterov SGD; BN biases get a higher lr, and decay is set per step, apart from lr.
+
+    lr and decay grow with the batch size, as in airbench, so --batch-size alone keeps
+    the per-example step and the decay per epoch.
+    """
+    biases = [p for p in model.parameters() if p.requires_grad and p.ndim == 1]
+    others = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    scale = hyp["batch_size"] / 1024
+    lr, decay = hyp["lr_per_1024"] * scale, hyp["decay_per_1024"] * scale
+    bias_lr = lr * hyp["bias_lr_scale"]
+    groups = [{"params": biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
+              {"params": others, "lr": lr, "weight_decay": decay / lr}]
     return torch.optim.SGD(groups, momentum=hyp["momentum"], nesterov=True)
 
 
@@ -512,7 +518,7 @@ def plot_accuracy(runs, path):
 
 def train(args):
     """`train`: one model per seed, saved in model/, with results.json and the plot."""
-    hyp = dict(HYPERPARAMETERS)
+    hyp = dict(HYPERPARAMETERS, batch_size=args.batch_size)
     seeds = args.seeds if args.seeds is not None else [args.seed]
     model_dir = Path(args.model_dir)
     data = load_cifar(args.data_dir)
@@ -1059,16 +1065,26 @@ def write_pdf(summary, sections, missing, out_dir, path):
     write_atomically(path, write)
 
 
-def update_readme_results(summary, path):
-    """Replace the results table between README's markers, so README never re-types a number."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    text = path.read_text() if path.exists() else ""
+def replace_between_markers(text, name, content):
+    """Swap what stands between <!-- name:start --> and <!-- name:end --> for content."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
-        return
-    table = "\n".join(["| item | result |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in summary])
+        return text
     before, rest = text.split(start, 1)
-    updated = f"{before}{start}\n{table}\n{end}{rest.split(end, 1)[1]}"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(updated))
+    return f"{before}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
+
+
+def update_readme(summary, sections, path):
+    """Rewrite README's results table and command outputs, so README never re-types a number."""
+    text = path.read_text() if path.exists() else ""
+    table = "\n".join(["| item | result |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in summary])
+    outputs = []
+    for heading, source, lines, image in sections:
+        if lines and not heading.startswith("(b) Output of training"):
+            outputs += [f"{heading} ({source}):", "", "```", *lines, "```", ""]
+    text = replace_between_markers(text, "results", table)
+    text = replace_between_markers(text, "outputs", "\n".join(outputs).rstrip())
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def report(args):
@@ -1076,11 +1092,15 @@ def report(args):
     README's results table (with --readme)."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary, sections, missing = gather_report(args)
+    try:
+        summary, sections, missing = gather_report(args)
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise UserError(f"a record is malformed ({type(error).__name__}: {first_line(error)}); "
+                        "rerun the command that made it") from None
     write_markdown(summary, sections, missing, out_dir / "report.md")
     write_pdf(summary, sections, missing, out_dir, out_dir / "report.pdf")
     if args.readme:
-        update_readme_results(summary, Path(args.readme))
+        update_readme(summary, sections, Path(args.readme))
     for line in missing:
         log(line)
     print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.pdf'}")
@@ -1104,6 +1124,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed for one run (default 0)")
     p.add_argument("--seeds", type=int, nargs="+", help="train once per seed, report mean and std")
     p.add_argument("--epochs", type=int, default=HYPERPARAMETERS["epochs"])
+    p.add_argument("--batch-size", type=int, default=HYPERPARAMETERS["batch_size"],
+                   help="lr and weight decay scale with it (default %(default)s)")
     p.add_argument("--subset", type=int, default=0,
                    help="use only the first N train and test images (quick checks)")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")

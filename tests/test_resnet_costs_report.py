@@ -72,7 +72,7 @@ def test_inference_speed_test_times_both_models(tmp_path, shipped_model):
 
 def write_fixture_records(folder):
     """Small but complete records in the formats the commands write."""
-    machine = {"cpu": "test cpu", "torch_threads": 2, "device": "cpu", "torch": torch.__version__}
+    machine = C.machine_description(torch.device("cpu"))
     model_dir, records = folder / "model", folder / "records"
     model_dir.mkdir()
     records.mkdir()
@@ -98,12 +98,15 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     model_dir, records = write_fixture_records(tmp_path)
     out = tmp_path / "report"
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n")
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
+                      "<!-- outputs:start -->\nold output\n<!-- outputs:end -->\n")
     result = run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, "--readme", readme)
     assert result.returncode == 0, result.stderr
     updated = readme.read_text()
-    assert updated.startswith("intro\n<!-- results:start -->\n| item | result |") and updated.endswith("<!-- results:end -->\noutro\n")
+    assert updated.startswith("intro\n<!-- results:start -->\n| item | result |")
+    assert updated.endswith("<!-- outputs:end -->\n") and "<!-- results:end -->\noutro\n" in updated
     assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
+    assert "old output" not in updated and "speed table" in updated and "prediction result: " in updated
     markdown = (out / "report.md").read_text()
     for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
                  "seed 2 epoch  2/2", "python CNNclassify.py train --seeds 0 1 2"]:

@@ -212,5 +212,5 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
 def test_train_help_lists_options():
     result = run_cli("train", "--help")
     assert result.returncode == 0
-    for option in ["--seed", "--seeds", "--epochs", "--data-dir", "--model-dir", "--device", "--subset"]:
+    for option in ["--seed", "--seeds", "--epochs", "--batch-size", "--data-dir", "--model-dir", "--device", "--subset"]:
         assert option in result.stdout

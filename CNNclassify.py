@@ -589,7 +589,10 @@ def read_image(path):
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, not an image")
-    data = np.fromfile(path, dtype=np.uint8)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise UserError(f"{path}: cannot be read ({error.strerror or first_line(error)})") from None
     if data.size == 0:
         raise UserError(f"{path}: empty file")
     image, messages = decode_quietly(data, cv2.IMREAD_UNCHANGED)
@@ -1041,7 +1044,7 @@ def write_pdf(summary, sections, missing, out_dir, path):
     from matplotlib.backends.backend_pdf import PdfPages
 
     def write(tmp):
-        with PdfPages(tmp) as pdf:
+        with PdfPages(tmp, metadata={"CreationDate": None}) as pdf:  # same records, same bytes
             width = max([len(k) for k, _ in summary] + [10])
             text_pages(pdf, "CNNclassify report", [f"{k:<{width}s}  {v}" for k, v in summary]
                        + [""] + [f"missing: {m}" for m in missing], size=8)

@@ -686,7 +686,7 @@ def draw_conv_maps(rgb, x, maps, title, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 

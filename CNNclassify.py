@@ -766,6 +766,7 @@ class ResNet20(nn.Module):
                                           for i in range(3)]))
             cin = cout
         self.layer1, self.layer2, self.layer3 = stages
+        self.option = option
         self.head_name = "linear" if option == "A" else "fc"
         setattr(self, self.head_name, nn.Linear(64, 10))
 
@@ -833,7 +834,7 @@ def resnet20(args):
     correct = accuracy_on(model, images, labels, device)
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
-    record(args, f"resnet20_{Path(args.weights).stem}", [line],
+    record(args, f"resnet20_option{model.option}", [line],
            {"weights": args.weights, "correct": correct, "total": len(labels),
             "accuracy": 100 * correct / len(labels)}, device)
 

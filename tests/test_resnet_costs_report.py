@@ -11,12 +11,13 @@ import CNNclassify as C
 from conftest import CIFAR_DIR, WEIGHTS_A, WEIGHTS_B, run_cli
 
 
-@pytest.mark.parametrize("weights,expected", [(WEIGHTS_A, "91.73% (9173/10000)"), (WEIGHTS_B, "92.05% (9205/10000)")])
-def test_resnet20_reproduces_published_accuracy(tmp_path, cifar, weights, expected):
+@pytest.mark.parametrize("weights,expected,option", [(WEIGHTS_A, "91.73% (9173/10000)", "A"),
+                                                     (WEIGHTS_B, "92.05% (9205/10000)", "B")])
+def test_resnet20_reproduces_published_accuracy(tmp_path, cifar, weights, expected, option):
     result = run_cli("resnet20", "--weights", weights, "--data-dir", CIFAR_DIR, "--records-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"ResNet-20 test accuracy: {expected}\n"
-    record = json.loads((tmp_path / f"resnet20_{weights.stem}.json").read_text())
+    record = json.loads((tmp_path / f"resnet20_option{option}.json").read_text())
     assert record["output"] == [result.stdout.strip()] and record["machine"]["cpu"]
 
 

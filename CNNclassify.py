@@ -418,8 +418,8 @@ def lr_factor(step, total_steps, warmup_fraction):
 
 @torch.no_grad()
 def evaluate(model, images, labels, device):
-    """Loss and accuracy (%) of the model in eval mode on uint8 images."""
-    model.eval()
+    """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images."""
+    model.to(device).eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(images), EVAL_BATCH):
         x = to_float(images[start:start + EVAL_BATCH]).to(device, memory_format=torch.channels_last)
@@ -427,7 +427,7 @@ def evaluate(model, images, labels, device):
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
-    return total_loss / len(images), 100.0 * correct / len(images)
+    return total_loss / len(images), correct
 
 
 def epoch_line(seed, record, epochs):
@@ -483,7 +483,8 @@ def train_one_seed(data, seed, args, hyp):
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
         epoch_train_seconds = time.perf_counter() - start
-        test_loss, test_accuracy = evaluate(model, test_x, test_y, device)
+        test_loss, test_correct = evaluate(model, test_x, test_y, device)
+        test_accuracy = 100.0 * test_correct / len(test_x)
         train_seconds += time.perf_counter() - start
         record = {"epoch": epoch + 1, "train_loss": loss_sum / len(train_x),
                   "train_accuracy": 100.0 * correct / len(train_x), "test_loss": test_loss,
@@ -815,23 +816,12 @@ def load_resnet20(source=RESNET20_URL):
     return model.eval()
 
 
-@torch.no_grad()
-def accuracy_on(model, images, labels, device):
-    """Correct predictions of a [0, 1]-input model over uint8 images, in batches."""
-    model.to(device).eval()
-    correct = 0
-    for start in range(0, len(images), EVAL_BATCH):
-        x = to_float(images[start:start + EVAL_BATCH]).to(device)
-        correct += (model(x).argmax(1).cpu() == labels[start:start + EVAL_BATCH]).sum().item()
-    return correct
-
-
 def resnet20(args):
     """`resnet20`: accuracy of a pretrained ResNet-20 on the 10,000 test images."""
     device = pick_device(args.device)
     model = load_resnet20(args.weights)
     images, labels = load_cifar(args.data_dir)["test"]
-    correct = accuracy_on(model, images, labels, device)
+    _, correct = evaluate(model, images, labels, device)
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
     record(args, f"resnet20_option{model.option}", [line],

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import CIFAR_DIR, run_cli
+from conftest import CIFAR_DIR, ROOT, run_cli
 
 
 def write_fake_batch(path, n, bytes_keys, seed=0):
@@ -214,3 +214,12 @@ def test_train_help_lists_options():
     assert result.returncode == 0
     for option in ["--seed", "--seeds", "--epochs", "--batch-size", "--data-dir", "--model-dir", "--device", "--subset"]:
         assert option in result.stdout
+
+
+def test_shipped_model_scores_what_training_recorded(cifar, shipped_model):
+    """load_cnn() on raw [0, 1] RGB gives the final accuracy that results.json reports."""
+    results = json.loads((ROOT / "model" / "results.json").read_text())
+    main_run = next(run for run in results["runs"] if run["seed"] == results["main_seed"])
+    _, correct = C.evaluate(shipped_model, *cifar["test"], "cpu")
+    assert 100 * correct / 10000 == pytest.approx(main_run["test_accuracy"], abs=0.05)
+    assert correct >= 7500

@@ -134,6 +134,25 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[20:], factors[21:]))
 
 
+
+def test_weight_average_moves_by_the_ramped_decay():
+    average, model = C.build_cnn(), C.build_cnn()
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.add_(1)
+    before = {k: v.clone() for k, v in average.state_dict().items()}
+    C.update_average(average, model, step=0, decay=0.99)  # ramp: decay 1/10 at the first step
+    after = {k: v.clone() for k, v in average.state_dict().items()}
+    target = model.state_dict()
+    for key in before:
+        if before[key].is_floating_point():
+            assert torch.allclose(after[key], before[key] + 0.9 * (target[key] - before[key]))
+        else:  # BatchNorm's step counter is left alone
+            assert torch.equal(after[key], before[key])
+    C.update_average(average, model, step=10**6, decay=0.99)  # late: capped at the decay
+    moved = average.head.weight - after["head.weight"]
+    assert torch.allclose(moved, 0.01 * (model.head.weight - after["head.weight"]), atol=1e-7)
+
 def test_save_load_round_trip(tmp_path):
     model = C.build_cnn()
     C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8))

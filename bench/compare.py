@@ -6,7 +6,7 @@ batch 64, torchvision per-image transforms (random crop with 4-pixel padding, fl
 DataLoader. Each side gets --budget seconds of training; ours runs the epochs of its recipe
 that fit in the budget (from the seconds per epoch of model/results.json).
 
-    python bench/compare.py --data-dir ../shared/cifar10 --budget 300 | tee bench/cpu_2core.txt
+    python bench/compare.py --data-dir ../shared/cifar10 --budget 300 > bench/compare_cpu_2core.txt
 """
 import argparse
 import json

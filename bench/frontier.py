@@ -3,7 +3,7 @@
 Each run is a full schedule (warm-up and decay fitted to its epoch count), so its final
 accuracy is what a user would get by asking `train --epochs E`.
 
-    python bench/frontier.py --data-dir ../shared/cifar10 --epochs 4 7 | tee bench/frontier_cpu_2core.txt
+    python bench/frontier.py --data-dir ../shared/cifar10 --epochs 2 4 7 > bench/frontier_cpu_2core.txt
 """
 import argparse
 import sys
@@ -19,7 +19,7 @@ import CNNclassify as C  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--epochs", type=int, nargs="+", default=[4, 7])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[2, 4, 7])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     data = C.load_cifar(args.data_dir)

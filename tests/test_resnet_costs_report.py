@@ -117,6 +117,13 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     assert set(images) == {"accuracy.png", "CONV_rslt.png"} and all((out / i).is_file() for i in images)
     assert (out / "report.pdf").read_bytes()[:5] == b"%PDF-"
     assert "Missing" not in markdown and result.stderr == ""
+    assert "| CNN first epoch end at >= 75% test accuracy | not reached by every seed |" in updated
+
+
+def test_seconds_to_reach_is_the_first_epoch_end_at_the_accuracy():
+    history = [{"test_accuracy": a, "seconds": s} for a, s in [(70.0, 60.0), (75.0, 120.0), (74.0, 180.0)]]
+    assert C.seconds_to_reach(history, 75.0) == 120.0
+    assert C.seconds_to_reach(history, 70.0) == 60.0 and C.seconds_to_reach(history, 76.0) is None
 
 
 def test_report_names_the_command_for_a_missing_record(tmp_path):

@@ -72,7 +72,7 @@ HYPERPARAMETERS = {
     "whitening_images": 5000,
 }
 
-EVAL_BATCH = 64   # 1.5x the images/s of batches of 1000 on a 2-core CPU (cache-sized)
+EVAL_BATCH = 64   # 1.5x the images/s of batches of 1000 on 2 cores (bench/throughput.py --evaluation)
 
 
 class UserError(Exception):

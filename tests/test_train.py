@@ -134,7 +134,6 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[20:], factors[21:]))
 
 
-
 def test_weight_average_moves_by_the_ramped_decay():
     average, model = C.build_cnn(), C.build_cnn()
     with torch.no_grad():
@@ -152,6 +151,7 @@ def test_weight_average_moves_by_the_ramped_decay():
     C.update_average(average, model, step=10**6, decay=0.99)  # late: capped at the decay
     moved = average.head.weight - after["head.weight"]
     assert torch.allclose(moved, 0.01 * (model.head.weight - after["head.weight"]), atol=1e-7)
+
 
 def test_save_load_round_trip(tmp_path):
     model = C.build_cnn()

@@ -1,18 +1,22 @@
 """CNNclassify: train, test and measure a CIFAR-10 CNN from one script.
 
     python CNNclassify.py train [--seeds 0 1 2]   train, save model/, plot accuracy
+    python CNNclassify.py train --budget 900      as many epochs as fit in 900 s here
     python CNNclassify.py test IMAGE              predict a photo, save CONV_rslt.png
     python CNNclassify.py resnet20                accuracy of a pretrained ResNet-20
     python CNNclassify.py profile                 MACs and parameters (THOP)
     python CNNclassify.py speed                   single-image inference time
     python CNNclassify.py report                  report/report.md and report.pdf
 
-The file reads top to bottom: settings, data, models, training, prediction and
+The file reads top to bottom: settings, helpers, data, models, training, prediction and
 visualisation, ResNet-20, costs, report, command line.
 """
 
 import argparse
 import copy
+import functools
+import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -23,12 +27,14 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- settings
 
@@ -47,13 +53,14 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST_FILE = "test_batch"
 
-# The training recipe. Most of it follows airbench94 (Keller Jordan, arXiv 2404.00498)
-# and David Page's "How to train your ResNet": a frozen patch-whitening first layer,
-# BatchNorm with only a bias, GELU, label smoothing, Nesterov SGD with a short warm-up
-# and a linear decay, alternating flips, 2-pixel translations and flip test-time
-# augmentation; what is evaluated and saved is a moving average of the weights. Widths,
-# batch size and epochs are chosen for a 2-core CPU, where bfloat16 autocast and
-# channels_last together give 2.5x the throughput of float32 NCHW (bench/throughput.py).
+# The training recipe. Most of it follows airbench94 and airbench94_muon (Keller Jordan,
+# arXiv 2404.00498) and David Page's "How to train your ResNet": a frozen patch-whitening
+# first layer, BatchNorm with only a bias, GELU, label smoothing, Muon for the conv filters
+# and Nesterov SGD for the rest, a short warm-up and a linear decay, alternating flips,
+# 2-pixel translations and flip test-time augmentation; what is evaluated and saved is a
+# moving average of the weights. Widths, batch size and epochs are chosen for a 2-core CPU
+# (bench/throughput.py, bench/ablation.py); the number format for the machine at hand
+# (compute_dtype).
 HYPERPARAMETERS = {
     "epochs": 13,
     "batch_size": 256,
@@ -65,15 +72,19 @@ HYPERPARAMETERS = {
     "label_smoothing": 0.2,
     "translate": 2,           # random shift in pixels, reflect padding
     "widths": (64, 128, 256),
-    "batchnorm_momentum": 0.4,
+    "bn_momentum": 0.4,
     "logit_scale": 1 / 9,
-    "bfloat16": True,         # autocast after the first layer (CPU and CUDA)
     "average_decay": 0.98,    # evaluated and saved weights: moving average of the trained ones
     "whitening_images": 5000,
+    "whitening": ((2, 12), (5, 4)),   # (patch size, directions) that fill conv1, see set_whitening
+    "muon_lr_per_1024": 0.17,  # Muon for the conv filters when set (0: SGD), see make_optimizers
+    "muon_momentum": 0.6,
 }
 
 EVAL_BATCH = 64   # 1.5x the images/s of batches of 1000 on 2 cores (bench/throughput.py --evaluation)
 
+
+# ----------------------------------------------------------------------------- helpers
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2, no traceback."""
@@ -90,14 +101,78 @@ def log(message):
 
 
 def pick_device(name=None):
-    """CUDA if present, then Apple MPS, then CPU, unless the user names one."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The named device, checked to be present, or the fastest present: CUDA, Apple MPS, CPU."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:N or mps)") from None
+    present = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+               "mps": lambda: getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()}
+    if not present.get(device.type, lambda: False)() or (
+            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such device on this machine")
+    return device
+
+
+def ensure_writable(folder):
+    """Prove, before any long work, that files can be written into `folder`: a temporary file
+    is made in it or, while it does not exist, in the nearest folder above that does
+    (which then can create it). Nothing is left behind."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write into {folder} ({error.strerror or first_line(error)})") from None
+
+
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16_cpu():
+    """Whether oneDNN computes bfloat16 in hardware here: AVX512_BF16 or AMX, and not capped
+    below them by ONEDNN_MAX_CPU_ISA. Elsewhere it emulates bfloat16, 2-25x slower than
+    float32 (bench/precision.py), although torch still calls bfloat16 "supported"."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
+    return not capped and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def compute_dtype(device, precision="auto"):
+    """The number format of the convolutions after conv1: bfloat16 where the hardware makes
+    it fast (a CPU with native bfloat16, a GPU that supports it), float32 elsewhere.
+    The choice depends only on the machine, so a run is deterministic where it is made."""
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if device.type == "cpu":
+        return torch.bfloat16 if native_bfloat16_cpu() else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.float32
+
+
+def precision_name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 def set_seed(seed):
@@ -118,7 +193,10 @@ def machine_description(device):
     except OSError:
         pass
     described = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "device": str(device), "torch": torch.__version__, "python": platform.python_version()}
+                 "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                 "cpu_bfloat16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+                 "precision_auto": precision_name(compute_dtype(device))}
     if device.type == "cuda":
         described["gpu"] = torch.cuda.get_device_name(device)
     return described
@@ -141,37 +219,69 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
+def copy_atomically(source, path):
+    write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def write_json(path, data):
     def write(tmp):
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
     write_atomically(path, write)
 
 
-def command_line(args):
+def invocation(args):
     return "python CNNclassify.py " + shlex.join(args.argv)
 
 
-def record(args, name, lines, data, device):
+def save_record(args, name, lines, data, device):
     """Keep what a command printed, its numbers, the command and the machine, for `report`."""
     write_json(Path(args.records_dir) / f"{name}.json",
-               {"command": command_line(args), "machine": machine_description(device),
+               {"command": invocation(args), "machine": machine_description(device),
                 "output": lines, **data})
+
+
+def progress(iterable, total, description):
+    """A progress bar on stderr when a person watches it (a terminal); else the iterable."""
+    return tqdm(iterable, total=total, desc=description, leave=False, disable=not sys.stderr.isatty())
 
 
 # ----------------------------------------------------------------------------- data
 
-def read_cifar_batch(path):
-    """One pickled CIFAR-10 batch -> (uint8 N x 3 x 32 x 32, int64 labels).
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays)
+    and refuses any other class, so a crafted file cannot run code when it is read."""
 
-    Official files have bytes keys under encoding="bytes"; copies made with
-    latin1 have str keys. Both are accepted.
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path):
+    """One pickled CIFAR-10 batch -> (uint8 N x 3 x 32 x 32, int64 labels), checked.
+
+    Official files have bytes keys under encoding="bytes"; copies made with latin1 have
+    str keys. Both are accepted. Any problem is a UserError naming the file.
     """
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = BatchUnpickler(f, encoding="bytes").load()
+    except Exception as error:
+        raise UserError(f"{path}: not a readable CIFAR-10 batch ({first_line(error)})") from None
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR-10 batch (a {type(batch).__name__}, not a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    images = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
-    labels = torch.tensor(batch["labels"], dtype=torch.int64)
-    return images, labels
+    data, labels = batch.get("data"), batch.get("labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise UserError(f"{path}: 'data' is not a uint8 array of N x 3072 pixels")
+    if not (isinstance(labels, list) and len(labels) == len(data)
+            and all(isinstance(label, int) and 0 <= label < len(CLASSES) for label in labels)):
+        raise UserError(f"{path}: 'labels' is not a list of {len(data)} integers from 0 to {len(CLASSES) - 1}")
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return images, torch.tensor(labels, dtype=torch.int64)
 
 
 def cifar_present(data_dir):
@@ -202,11 +312,8 @@ def load_cifar(data_dir, url=None, md5=None):
     """The whole dataset as uint8 tensors, read once: {"train": (x, y), "test": (x, y)}."""
     ensure_cifar(data_dir, url, md5)
     folder = Path(data_dir) / CIFAR_FOLDER
-    try:
-        parts = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN_FILES]
-        test = read_cifar_batch(folder / CIFAR_TEST_FILE)
-    except Exception as error:
-        raise UserError(f"cannot read CIFAR-10 in {folder}: {first_line(error)}") from None
+    parts = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN_FILES]
+    test = read_cifar_batch(folder / CIFAR_TEST_FILE)
     train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     return {"train": train, "test": test}
 
@@ -289,28 +396,25 @@ class CNN(nn.Module):
     exactly the accuracy that training reports.
     """
 
-    def __init__(self, widths=HYPERPARAMETERS["widths"], mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                 bn_momentum=HYPERPARAMETERS["batchnorm_momentum"],
-                 logit_scale=HYPERPARAMETERS["logit_scale"], bfloat16=HYPERPARAMETERS["bfloat16"]):
+    def __init__(self, widths, bn_momentum, logit_scale, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.conv1 = nn.Conv2d(3, 32, kernel_size=5, stride=1, padding=0)
         self.conv1.requires_grad_(False)
-        self.blocks = nn.Sequential(conv_block(32, widths[0], bn_momentum),
-                                    conv_block(widths[0], widths[1], bn_momentum),
-                                    conv_block(widths[1], widths[2], bn_momentum))
-        self.head = nn.Linear(widths[2], 10, bias=False)
+        channels = [self.conv1.out_channels, *widths]
+        self.blocks = nn.Sequential(*[conv_block(cin, cout, bn_momentum) for cin, cout in zip(channels, widths)])
+        self.head = nn.Linear(widths[-1], len(CLASSES), bias=False)
         self.logit_scale = logit_scale
-        self.bfloat16 = bfloat16
+        self.compute_dtype = torch.float32  # of the layers after conv1; set by whoever runs it
 
     def first_layer(self, x):
         """Normalised input through conv1, kept in float32: what CONV_rslt.png shows."""
         return self.conv1((x - self.mean) / self.std)
 
     def classify(self, features):
-        autocast = self.bfloat16 and features.device.type in ("cpu", "cuda")
-        with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=autocast):
+        autocast = self.compute_dtype != torch.float32
+        with torch.autocast(features.device.type, dtype=self.compute_dtype, enabled=autocast):
             x = self.blocks(F.gelu(features))
             x = F.adaptive_max_pool2d(x, 1).flatten(1)
             return self.head(x).float() * self.logit_scale
@@ -325,36 +429,50 @@ class CNN(nn.Module):
     def settings(self):
         """What it takes to rebuild this model from its state dict."""
         return {"widths": [block[0].out_channels for block in self.blocks],
-                "bn_momentum": self.blocks[0][2].momentum, "logit_scale": self.logit_scale,
-                "bfloat16": self.bfloat16}
+                "bn_momentum": self.blocks[0][2].momentum, "logit_scale": self.logit_scale}
 
 
-@torch.no_grad()
-def set_whitening(model, images, eps=5e-4):
-    """Make conv1 a patch-whitening filter bank (airbench; idea from Page's ResNet series).
-
-    The 5x5x3 = 75-dim patches of the normalised training images have a covariance;
-    its top 16 eigenvectors, each divided by sqrt(eigenvalue), and their negatives fill
-    the 32 filters. After GELU each pair acts like one linear, decorrelated feature.
-    """
-    x = (to_float(images) - model.mean) / model.std
-    patches = F.unfold(x.double(), kernel_size=5).transpose(1, 2).reshape(-1, 75)
+def whitening_directions(x, size, count, eps):
+    """The `count` strongest directions of the size x size patches of x, each divided by
+    the square root of its variance: filters whose outputs are decorrelated, unit-variance."""
+    patches = F.unfold(x, kernel_size=size).transpose(1, 2).reshape(-1, 3 * size * size)
     patches = patches - patches.mean(0)
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    top = eigenvectors[:, -16:].flip(1).T / (eigenvalues[-16:].flip(0) + eps).sqrt().unsqueeze(1)
-    filters = torch.cat([top, -top]).reshape(32, 3, 5, 5)
-    model.conv1.weight.copy_(filters.float())
+    top = eigenvectors[:, -count:].flip(1).T / (eigenvalues[-count:].flip(0) + eps).sqrt().unsqueeze(1)
+    return top.reshape(count, 3, size, size)
+
+
+@torch.no_grad()
+def set_whitening(model, images, whitening, eps=5e-4):
+    """Make conv1 a patch-whitening filter bank (airbench; idea from Page's ResNet series).
+
+    `whitening` lists (patch size, directions): for each, the strongest directions of the
+    normalised training patches of that size, scaled to unit variance and placed at the
+    centre of the 5x5 kernel. The filters and their negatives fill the 32 channels, so
+    after GELU each pair acts like one linear, decorrelated feature. All 12 directions of
+    the 2x2 patches keep every pixel's detail; a few 5x5 directions add context.
+    """
+    x = ((to_float(images) - model.mean) / model.std).double()
+    k = model.conv1.kernel_size[0]
+    top = torch.zeros(model.conv1.out_channels // 2, 3, k, k, dtype=torch.double)
+    row = 0
+    for size, count in whitening:
+        offset = k // 2 - (size - 1) // 2
+        top[row:row + count, :, offset:offset + size, offset:offset + size] = whitening_directions(x, size, count, eps)
+        row += count
+    model.conv1.weight.copy_(torch.cat([top, -top]).float())
     model.conv1.bias.zero_()
 
 
-def build_cnn(settings=None, mean=None, std=None):
-    settings = dict(settings or {})
-    model = CNN(widths=tuple(settings.get("widths", HYPERPARAMETERS["widths"])),
-                bn_momentum=settings.get("bn_momentum", HYPERPARAMETERS["batchnorm_momentum"]),
-                logit_scale=settings.get("logit_scale", HYPERPARAMETERS["logit_scale"]),
-                bfloat16=settings.get("bfloat16", HYPERPARAMETERS["bfloat16"]),
-                **({"mean": mean, "std": std} if mean is not None else {}))
+MODEL_SETTINGS = ("widths", "bn_momentum", "logit_scale")  # what CNN() takes besides the normalisation
+
+
+def build_cnn(settings=HYPERPARAMETERS, mean=None, std=None):
+    """A CNN in channels_last (the fast layout on CPUs), from hyperparameters or a checkpoint's
+    settings; mean and std default to the constructor's."""
+    normalisation = {"mean": mean, "std": std} if mean is not None else {}
+    model = CNN(**{k: settings[k] for k in MODEL_SETTINGS}, **normalisation)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -373,38 +491,98 @@ def load_torch_file(path, missing_message):
         raise UserError(missing_message)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's advice to retry with weights_only=False is not repeated
+        if "Unsupported global" in str(error):
+            raise UserError(f"{path}: holds objects other than tensors and plain data; refused, "
+                            "since loading it would run code") from None
+        detail = first_line(str(error).split("WeightsUnpickler error:")[-1])
+        raise UserError(f"{path}: not a readable PyTorch file ({detail})") from None
     except Exception as error:
         raise UserError(f"{path}: not a readable PyTorch file ({first_line(error)})") from None
 
 
-def load_cnn(path=None, device="cpu"):
-    """The trained CNN from model/ (or `path`) in eval mode, on `device`.
+def load_cnn(path=None, device="cpu", precision="auto"):
+    """The trained CNN from model/ (or `path`) in eval mode, on `device`, computing in the
+    format that is fast there (compute_dtype), whatever it was trained in.
 
     It takes RGB floats in [0, 1], N x 3 x 32 x 32: normalisation is inside.
     """
     path = path or MODEL_DIR / MAIN_MODEL
     checkpoint = load_torch_file(path, f"no trained model at {path}; run `python CNNclassify.py train` first")
-    model = build_cnn(checkpoint["settings"], checkpoint["mean"], checkpoint["std"])
-    model.load_state_dict(checkpoint["state_dict"])
+    if not (isinstance(checkpoint, dict) and {"state_dict", "settings", "mean", "std"} <= checkpoint.keys()):
+        raise UserError(f"{path}: not a model saved by `CNNclassify.py train`")
+    try:
+        model = build_cnn(checkpoint["settings"], checkpoint["mean"], checkpoint["std"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path}: its weights do not fit the CNN it describes ({first_line(error)})") from None
+    device = torch.device(device)
+    model.compute_dtype = compute_dtype(device, precision)
     return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- training
 
-def make_optimizer(model, hyp):
-    """Nesterov SGD; BN biases get a higher lr, and decay is set per step, apart from lr.
+def orthogonalize(matrix, steps=3, eps=1e-7):
+    """Roughly U V^T of matrix = U S V^T: every singular value pushed towards 1 by a quintic
+    Newton-Schulz iteration (Muon's; its singular values land in about 0.5-1.5, which
+    trains as well as exact orthogonalisation and costs three pairs of matmuls)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix / (matrix.norm() + eps)
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
 
-    lr and decay grow with the batch size, as in airbench, so --batch-size alone keeps
-    the per-example step and the decay per epoch.
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan, 2024) for conv filters: Nesterov momentum whose update, with each
+    filter bank seen as an out x (in*k*k) matrix, is orthogonalised, so every direction of
+    the gradient moves at the same speed. The weights are rescaled to a fixed norm before
+    each step, so the learning rate sets an angle and no weight decay is needed.
+    `dtype` is the format of the Newton-Schulz matmuls (bfloat16 where that is fast)."""
+
+    def __init__(self, params, lr, momentum, dtype=torch.float32):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buffer = self.state[p].setdefault("momentum", torch.zeros_like(p.grad))
+                buffer.mul_(group["momentum"]).add_(p.grad)
+                gradient = p.grad.add(buffer, alpha=group["momentum"])
+                update = orthogonalize(gradient.reshape(len(p), -1).to(self.dtype)).view(p.shape)
+                p.mul_(len(p) ** 0.5 / p.norm())
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+
+def make_optimizers(model, hyp, dtype=torch.float32):
+    """Nesterov SGD for BN biases (at a higher lr) and the head, with decay set per step
+    apart from lr; Muon for the conv filters when hyp["muon_lr_per_1024"] is set.
+
+    SGD's lr and decay grow with the batch size, as in airbench, so --batch-size alone
+    keeps the per-example step and the decay per epoch; Muon's lr, an angle per step,
+    grows with its square root (the noise of an orthogonalised update falls that way).
     """
-    biases = [p for p in model.parameters() if p.requires_grad and p.ndim == 1]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    filters = [p for p in trained if p.ndim == 4] if hyp["muon_lr_per_1024"] else []
+    biases = [p for p in trained if p.ndim == 1]
+    others = [p for p in trained if p.ndim > 1 and not any(p is f for f in filters)]
     scale = hyp["batch_size"] / 1024
     lr, decay = hyp["lr_per_1024"] * scale, hyp["decay_per_1024"] * scale
     bias_lr = lr * hyp["bias_lr_scale"]
     groups = [{"params": biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
               {"params": others, "lr": lr, "weight_decay": decay / lr}]
-    return torch.optim.SGD(groups, momentum=hyp["momentum"], nesterov=True)
+    optimizers = [torch.optim.SGD(groups, momentum=hyp["momentum"], nesterov=True)]
+    if filters:
+        optimizers.append(Muon(filters, hyp["muon_lr_per_1024"] * scale ** 0.5, hyp["muon_momentum"], dtype))
+    return optimizers
 
 
 @torch.no_grad()
@@ -425,11 +603,11 @@ def update_average(average, model, step, decay):
 
 
 def lr_factor(step, total_steps, warmup_fraction):
-    """Linear warm-up from 0.2 to 1, then linear decay to 0."""
-    warmup = max(1, int(warmup_fraction * total_steps))
+    """Linear warm-up from 0.2 to 1, then linear decay to 0 (any number of steps, even 1)."""
+    warmup = int(warmup_fraction * total_steps)
     if step < warmup:
         return 0.2 + 0.8 * step / warmup
-    return max(0.0, (total_steps - step) / (total_steps - warmup))
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
 @torch.no_grad()
@@ -437,7 +615,7 @@ def evaluate(model, images, labels, device):
     """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images."""
     model.to(device).eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(images), EVAL_BATCH):
+    for start in progress(range(0, len(images), EVAL_BATCH), -(-len(images) // EVAL_BATCH), "evaluating"):
         x = to_float(images[start:start + EVAL_BATCH]).to(device, memory_format=torch.channels_last)
         y = labels[start:start + EVAL_BATCH].to(device)
         logits = model(x)
@@ -446,11 +624,11 @@ def evaluate(model, images, labels, device):
     return total_loss / len(images), correct
 
 
-def epoch_line(seed, record, epochs):
+def epoch_line(seed, row, epochs):
     """The line `train` prints after each epoch (the report rebuilds it from history)."""
-    return (f"seed {seed} epoch {record['epoch']:2d}/{epochs}  train loss {record['train_loss']:.4f}"
-            f"  train acc {record['train_accuracy']:6.2f}%  test loss {record['test_loss']:.4f}"
-            f"  test acc {record['test_accuracy']:6.2f}%  {record['seconds']:6.1f}s")
+    return (f"seed {seed} epoch {row['epoch']:2d}/{epochs}  train loss {row['train_loss']:.4f}"
+            f"  train acc {row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f}"
+            f"  test acc {row['test_accuracy']:6.2f}%  {row['seconds']:6.1f}s")
 
 
 def seed_table(results):
@@ -461,8 +639,41 @@ def seed_table(results):
     return lines
 
 
-def train_one_seed(data, seed, args, hyp):
-    """Train one model from scratch; returns it with its per-epoch history and timings.
+def take_subset(data, subset):
+    """The first `subset` train and test images (all with 0), for quick checks."""
+    return {part: (x[:subset], y[:subset]) if subset else (x, y) for part, (x, y) in data.items()}
+
+
+def start_training(train_x, hyp, device, dtype):
+    """A fresh model (normalisation and whitening from train_x), its optimizers and their
+    lr schedules over hyp["epochs"] epochs."""
+    pixels = to_float(train_x).transpose(0, 1).reshape(3, -1)
+    model = build_cnn(hyp, mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
+    model.compute_dtype = dtype
+    set_whitening(model, train_x[:hyp["whitening_images"]], hyp["whitening"])
+    model.to(device)
+    optimizers = make_optimizers(model, hyp, dtype)
+    total_steps = hyp["epochs"] * -(-len(train_x) // hyp["batch_size"])
+    schedules = [torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, hyp["warmup_fraction"])) for optimizer in optimizers]
+    return model, optimizers, schedules
+
+
+def train_step(model, optimizers, schedules, x, y, hyp):
+    """One optimisation step on a batch; returns its logits and loss."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=hyp["label_smoothing"])
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer, schedule in zip(optimizers, schedules):
+        optimizer.step()
+        schedule.step()
+    return logits, loss
+
+
+def train_one_seed(data, seed, hyp, device, dtype=torch.float32):
+    """Train one model from scratch for hyp["epochs"] epochs, computing in `dtype` after
+    conv1; returns it with its per-epoch history and the training seconds.
 
     The model returned, evaluated after each epoch and saved, is the moving average of
     the trained weights (update_average); train loss and accuracy are those of the
@@ -470,52 +681,70 @@ def train_one_seed(data, seed, args, hyp):
     """
     set_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    device = pick_device(args.device)
-    train_x, train_y = data["train"]
-    test_x, test_y = data["test"]
-    if args.subset:
-        train_x, train_y = train_x[:args.subset], train_y[:args.subset]
-        test_x, test_y = test_x[:args.subset], test_y[:args.subset]
-
-    pixels = to_float(train_x).transpose(0, 1).reshape(3, -1)
-    model = build_cnn(mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
-    set_whitening(model, train_x[:hyp["whitening_images"]])
-    model.to(device)
-    optimizer = make_optimizer(model, hyp)
-    steps_per_epoch = -(-len(train_x) // hyp["batch_size"])
-    total_steps = args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, hyp["warmup_fraction"]))
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    model, optimizers, schedules = start_training(train_x, hyp, device, dtype)
     base_flips = torch.rand(len(train_x), generator=generator) < 0.5
     average = copy.deepcopy(model).requires_grad_(False)
+    steps_per_epoch = -(-len(train_x) // hyp["batch_size"])
 
-    history, train_seconds = [], 0.0
-    for epoch in range(args.epochs):
+    history, train_seconds, step = [], 0.0, 0
+    for epoch in range(hyp["epochs"]):
         start = time.perf_counter()
         model.train()
         loss_sum, correct = 0.0, 0
-        for x, y in training_batches(train_x, train_y, hyp["batch_size"], epoch, base_flips, hyp, generator):
+        batches = training_batches(train_x, train_y, hyp["batch_size"], epoch, base_flips, hyp, generator)
+        for x, y in progress(batches, steps_per_epoch, f"seed {seed} epoch {epoch + 1}/{hyp['epochs']}"):
             x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=hyp["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            update_average(average, model, schedule.last_epoch, hyp["average_decay"])
+            logits, loss = train_step(model, optimizers, schedules, x, y, hyp)
+            step += 1
+            update_average(average, model, step, hyp["average_decay"])
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
         epoch_train_seconds = time.perf_counter() - start
         test_loss, test_correct = evaluate(average, test_x, test_y, device)
-        test_accuracy = 100.0 * test_correct / len(test_x)
         train_seconds += time.perf_counter() - start
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / len(train_x),
-                  "train_accuracy": 100.0 * correct / len(train_x), "test_loss": test_loss,
-                  "test_accuracy": test_accuracy, "seconds": train_seconds,
-                  "images_per_second": len(train_x) / epoch_train_seconds}
-        history.append(record)
-        print(epoch_line(seed, record, args.epochs), flush=True)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / len(train_x),
+               "train_accuracy": 100.0 * correct / len(train_x), "test_loss": test_loss,
+               "test_accuracy": 100.0 * test_correct / len(test_x), "seconds": train_seconds,
+               "images_per_second": len(train_x) / epoch_train_seconds}
+        history.append(row)
+        print(epoch_line(seed, row, hyp["epochs"]), flush=True)
     return average.cpu(), history, train_seconds
+
+
+def seconds_per_epoch(data, hyp, device, dtype, steps=4, clock=time.perf_counter):
+    """Measured seconds of one epoch here, evaluation included: `steps` timed training
+    steps (after two untimed ones) and the evaluation of up to 1,024 test images, scaled
+    to the whole epoch. The model is thrown away, and training reseeds every generator,
+    so measuring first changes no result."""
+    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
+    model, optimizers, schedules = start_training(train_x, hyp, device, dtype)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    flips = torch.zeros(len(train_x), dtype=torch.bool)
+    batches = training_batches(train_x, train_y, hyp["batch_size"], 0, flips, hyp, generator)
+    times = []
+    for x, y in itertools.islice(batches, steps + 2):
+        start = clock()
+        train_step(model, optimizers, schedules, x.to(device, memory_format=torch.channels_last), y.to(device), hyp)
+        times.append(clock() - start)
+    timed = times[2:] or times[-1:]
+    step_seconds = sum(timed) / len(timed)
+    shown = min(len(test_x), 1024)
+    start = clock()
+    evaluate(model, test_x[:shown], test_y[:shown], device)
+    eval_seconds = (clock() - start) * len(test_x) / max(1, shown)
+    return step_seconds * -(-len(train_x) // hyp["batch_size"]) + eval_seconds
+
+
+def epochs_within(budget, epoch_seconds, margin=0.95):
+    """Epochs whose run fits in `budget` seconds at `epoch_seconds` each, keeping `margin`
+    of it (timings vary a few per cent from epoch to epoch); at least one, or a UserError."""
+    epochs = int(margin * budget // epoch_seconds)
+    if epochs < 1:
+        raise UserError(f"--budget {budget:g} s is less than one epoch here (about {epoch_seconds:.0f} s "
+                        f"measured, evaluation included); give at least {epoch_seconds / margin:.0f} s")
+    return epochs
 
 
 def plot_accuracy(runs, path):
@@ -540,39 +769,64 @@ def plot_accuracy(runs, path):
     plt.close(fig)
 
 
-def train(args):
-    """`train`: one model per seed, saved in model/, with results.json and the plot."""
-    hyp = dict(HYPERPARAMETERS, batch_size=args.batch_size)
-    seeds = args.seeds if args.seeds is not None else [args.seed]
-    model_dir = Path(args.model_dir)
-    data = load_cifar(args.data_dir)
-    runs = []
-    for seed in seeds:
-        model, history, seconds = train_one_seed(data, seed, args, hyp)
-        extra = {"seed": seed, "history": history, "train_seconds": seconds,
-                 "hyperparameters": {**hyp, "epochs": args.epochs, "widths": list(hyp["widths"])}}
-        save_checkpoint(model_dir / f"cnn_seed{seed}.pt", model, extra)
-        runs.append({"seed": seed, "test_accuracy": history[-1]["test_accuracy"],
-                     "train_seconds": seconds,
-                     "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
-                     "seconds_per_epoch": seconds / len(history), "history": history})
-    main_seed = seeds[0]
-    write_atomically(model_dir / MAIN_MODEL,
-                     lambda tmp: shutil.copyfile(model_dir / f"cnn_seed{main_seed}.pt", tmp))
+def run_summary(seed, history, seconds):
+    """What results.json keeps of one seed's run."""
+    return {"seed": seed, "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
+            "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
+            "seconds_per_epoch": seconds / len(history), "history": history}
+
+
+def save_results(model_dir, runs, extra):
+    """results.json, the plot and cnn.pt (the first seed's model), rewritten as each seed
+    ends, so an interrupted run leaves files that agree with each other."""
+    main_seed = runs[0]["seed"]
+    copy_atomically(model_dir / f"cnn_seed{main_seed}.pt", model_dir / MAIN_MODEL)
     accuracies = np.array([run["test_accuracy"] for run in runs])
-    results = {"command": command_line(args),
-               "machine": machine_description(pick_device(args.device)),
-               "main_model": MAIN_MODEL, "main_seed": main_seed, "subset": args.subset,
-               "runs": runs, "mean": float(accuracies.mean()), "std": float(np.std(accuracies))}
+    results = {**extra, "main_model": MAIN_MODEL, "main_seed": main_seed, "runs": runs,
+               "mean": float(accuracies.mean()), "std": float(np.std(accuracies))}
     write_json(model_dir / RESULTS_FILE, results)
     plot_accuracy(runs, model_dir / "accuracy.png")
-    print("\n".join(seed_table(results)))
+    return results
 
+
+def command_train(args):
+    """`train`: one model per seed, saved in model/, with results.json and the plot.
+
+    Everything that can fail is checked before the first step: the options, the device,
+    the output folder and the data. A quick check on a subset saves into model/subset/
+    unless --model-dir says otherwise, so it never replaces the shipped model."""
+    seeds = args.seeds or [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: a seed is given twice")
+    model_dir = Path(args.model_dir or (MODEL_DIR / "subset" if args.subset else MODEL_DIR))
+    device = pick_device(args.device)
+    dtype = compute_dtype(device, args.precision)
+    ensure_writable(model_dir)
+    data = take_subset(load_cifar(args.data_dir), args.subset)
+    hyp = dict(HYPERPARAMETERS, batch_size=args.batch_size, epochs=args.epochs)
+    if args.budget:
+        epoch_seconds = seconds_per_epoch(data, hyp, device, dtype)
+        hyp["epochs"] = epochs_within(args.budget, epoch_seconds)
+        log(f"--budget {args.budget:g} s: {hyp['epochs']} epochs of about {epoch_seconds:.1f} s each "
+            f"(measured here, {precision_name(dtype)})")
+    extra = {"command": invocation(args), "machine": machine_description(device), "subset": args.subset,
+             "precision": precision_name(dtype), "budget": args.budget, "epochs": hyp["epochs"]}
+    runs = []
+    for seed in seeds:
+        model, history, seconds = train_one_seed(data, seed, hyp, device, dtype)
+        save_checkpoint(model_dir / f"cnn_seed{seed}.pt", model,
+                        {"seed": seed, "history": history, "train_seconds": seconds,
+                         "precision": precision_name(dtype), "hyperparameters": hyp})
+        runs.append(run_summary(seed, history, seconds))
+        results = save_results(model_dir, runs, extra)
+    print("\n".join(seed_table(results)))
 
 
 # ----------------------------------------------------------------------------- prediction and visualisation
 
 IMAGE_DIR = ROOT / "test_images"
+MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused before decoding
+LARGEST_SIDE_KEPT = 1024        # larger images are shrunk right after decoding
 
 
 def resolve_image_path(name):
@@ -619,6 +873,9 @@ def read_image(path):
         raise UserError(f"{path}: cannot be read ({error.strerror or first_line(error)})") from None
     if data.size == 0:
         raise UserError(f"{path}: empty file")
+    if pixel_count(path) > MAX_IMAGE_PIXELS:
+        raise UserError(f"{path}: over {MAX_IMAGE_PIXELS // 10**6} megapixels, too large to decode here; "
+                        "shrink it first")
     image, messages = decode_quietly(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise UserError(f"{path}: not an image OpenCV can read (unknown format or corrupt data)")
@@ -628,7 +885,33 @@ def read_image(path):
         raise UserError(f"{path}: image has no pixels")
     if image.ndim == 2 or image.shape[2] in (1, 3):  # no alpha: decode again, EXIF-rotated
         image, _ = decode_quietly(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
-    return to_rgb8(image)
+    return to_rgb8(shrink_to(image, LARGEST_SIDE_KEPT))
+
+
+def pixel_count(path):
+    """Width x height from the file's header (Pillow reads no pixels yet); 0 where Pillow
+    cannot tell, so OpenCV decides; infinite for a decompression bomb."""
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return image.size[0] * image.size[1]
+    except Image.DecompressionBombError:
+        return float("inf")
+    except Exception:
+        return 0
+
+
+def shrink_to(image, side):
+    """Shrink (INTER_AREA) so the longer side is at most `side`: the model sees 32 x 32
+    anyway, and converting a 50-megapixel photo to floats would take gigabytes."""
+    import cv2
+    h, w = image.shape[:2]
+    if max(h, w) <= side:
+        return image
+    scale = side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
 def to_rgb8(image):
@@ -710,27 +993,45 @@ def draw_conv_maps(rgb, x, maps, title, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=figure_format(path), bbox_inches="tight"))
     plt.close(fig)
 
 
-def classify_image(image_path, model, out_path):
-    """Everything `test` does, returned as printed lines (the report reuses it)."""
+def classify_image(image_path, model):
+    """The lines `test` prints and the arguments of draw_conv_maps but its path (the report
+    reuses both)."""
     path = resolve_image_path(image_path)
     rgb = read_image(path)
     x = image_to_input(rgb)
     probabilities, maps = predict(model, x)
     lines = prediction_lines(probabilities)
-    draw_conv_maps(rgb, x, maps, f"{path.name}: first conv layer (5x5, 32 filters), 28x28 outputs; "
-                   f"predicted {lines[0].split(': ')[1]}", out_path)
-    return lines
+    title = f"{path.name}: first conv layer (5x5, 32 filters), 28x28 outputs; predicted {lines[0].split(': ')[1]}"
+    return lines, (rgb, x, maps, title)
 
 
-def test(args):
+def figure_format(path):
+    """The image format matplotlib writes for path's suffix, checked before any work is done."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a directory; give a file name such as {path / 'CONV_rslt.png'}")
+    if suffix not in supported:
+        raise UserError(f"--out {path}: unknown image type '{path.suffix}' (use one of {', '.join(sorted(supported))})")
+    ensure_writable(path.parent)
+    return suffix
+
+
+def command_test(args):
     """`test IMAGE`: print the predicted class and save CONV_rslt.png."""
-    model = load_cnn(args.model, device=pick_device(args.device))
-    for line in classify_image(args.image, model, args.out):
-        print(line)
+    figure_format(args.out)
+    model = load_cnn(args.model, pick_device(args.device), args.precision)
+    lines, figure = classify_image(args.image, model)
+    print("\n".join(lines), flush=True)
+    draw_conv_maps(*figure, args.out)
 
 
 
@@ -800,18 +1101,39 @@ class ResNet20(nn.Module):
         return getattr(self, self.head_name)(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fetch_resnet20_checkpoint(source):
-    """A local path, or a URL fetched into the torch hub cache with its sha256 prefix checked."""
+    """A local path, or a URL fetched once into the torch hub cache. The sha256 prefix in the
+    file name (torch.hub's convention, e.g. resnet20-12fca82f.th) is checked on the download
+    and again on the cached file at every use, so a file swapped in the cache is refused."""
     if "://" not in source:
         return load_torch_file(source, f"{source}: no such weights file")
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    try:
-        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True,
-                                                  progress=False, weights_only=True)
-    except Exception as error:
-        name = source.rsplit("/", 1)[-1]
-        raise UserError(f"could not fetch ResNet-20 weights ({type(error).__name__}); download {source} "
-                        f"into {cache / name} or pass --weights PATH") from None
+    name = source.rsplit("/", 1)[-1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    prefix = torch.hub.HASH_REGEX.search(name)
+    expected = prefix.group(1) if prefix else None
+    if not cached.is_file():
+        log(f"downloading {source} to {cached}")
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(source, str(cached), hash_prefix=expected, progress=False)
+        except Exception as error:
+            if "invalid hash value" in str(error):
+                raise UserError(f"checksum mismatch: the file downloaded from {source} does not have "
+                                f"sha256 {expected}...; nothing was saved") from None
+            raise UserError(f"could not fetch ResNet-20 weights ({type(error).__name__}: {first_line(error)}); "
+                            f"download {source} into {cached} or pass --weights PATH") from None
+    if expected and not sha256_of(cached).startswith(expected):
+        raise UserError(f"checksum mismatch: {cached} does not have sha256 {expected}...; delete it "
+                        "to download it again")
+    return load_torch_file(cached, f"{cached}: no such weights file")
 
 
 def load_resnet20(source=RESNET20_URL):
@@ -839,7 +1161,7 @@ def load_resnet20(source=RESNET20_URL):
     return model.eval()
 
 
-def resnet20(args):
+def command_resnet20(args):
     """`resnet20`: accuracy of a pretrained ResNet-20 on the 10,000 test images."""
     device = pick_device(args.device)
     model = load_resnet20(args.weights)
@@ -847,7 +1169,7 @@ def resnet20(args):
     _, correct = evaluate(model, images, labels, device)
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
-    record(args, f"resnet20_option{model.option}", [line],
+    save_record(args, f"resnet20_option{model.option}", [line],
            {"weights": args.weights, "correct": correct, "total": len(labels),
             "accuracy": 100 * correct / len(labels)}, device)
 
@@ -889,11 +1211,11 @@ def cost_table(cnn, resnet):
     return rows, lines
 
 
-def profile_models(args):
+def command_profile(args):
     """`profile`: MACs and parameters of our CNN and ResNet-20 (THOP)."""
     rows, lines = cost_table(load_cnn(args.model), load_resnet20(args.weights))
     print("\n".join(lines))
-    record(args, "profile", lines, {"weights": args.weights,
+    save_record(args, "profile", lines, {"weights": args.weights,
                                     "models": [{"name": n, "macs": m, "params": p} for n, m, p in rows]},
            torch.device("cpu"))
 
@@ -917,11 +1239,11 @@ def time_inference(model, x, warmup, iterations):
 def inference_speed_test(args):
     """Single-image inference time of our CNN and ResNet-20, same device and threads.
 
-    args: device, warmup, iterations, model (our checkpoint), weights (ResNet-20's).
-    Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "threads", "input"}.
+    args: device, precision, warmup, iterations, model (our checkpoint), weights (ResNet-20's).
+    Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "precision", "threads", "input"}.
     """
     device = pick_device(args.device)
-    cnn = load_cnn(args.model, device)
+    cnn = load_cnn(args.model, device, args.precision)
     models = [("CNN (ours)", cnn), ("CNN, one view", OneView(cnn).eval()),
               ("ResNet-20", load_resnet20(args.weights).to(device))]
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
@@ -930,12 +1252,13 @@ def inference_speed_test(args):
         ms = 1000 * time_inference(model, x, args.warmup, args.iterations)
         results.append({"name": name, "mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
                         "p95_ms": float(np.percentile(ms, 95))})
-    return {"models": results, "device": str(device), "threads": torch.get_num_threads(),
+    return {"models": results, "device": str(device), "precision": precision_name(cnn.compute_dtype),
+            "threads": torch.get_num_threads(),
             "input": "1 x 3 x 32 x 32", "warmup": args.warmup, "iterations": args.iterations}
 
 
 def speed_lines(speed):
-    lines = [f"device {speed['device']}, {speed['threads']} torch threads, input {speed['input']}, "
+    lines = [f"device {speed['device']}, CNN in {speed['precision']}, {speed['threads']} torch threads, input {speed['input']}, "
              f"{speed['warmup']} warm-up + {speed['iterations']} timed iterations",
              f"{'model':<14s} {'mean ms':>9s} {'median ms':>10s} {'p95 ms':>8s}"]
     lines += [f"{m['name']:<14s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}"
@@ -945,27 +1268,32 @@ def speed_lines(speed):
     return lines
 
 
-def speed(args):
+def command_speed(args):
     """`speed`: print and record inference_speed_test's figures."""
     result = inference_speed_test(args)
     lines = speed_lines(result)
     print("\n".join(lines))
-    record(args, "speed", lines, result, pick_device(args.device))
+    save_record(args, "speed", lines, result, pick_device(args.device))
 
 
 
 # ----------------------------------------------------------------------------- report
 
-TRAINING_OUTPUT = "(b) Output of training"
+MACHINE_RESULTS = ROOT / "bench" / "machines"  # results.json of `train` on other kinds of machine
 
 
-def read_record(path, maker, missing):
-    """A JSON record, or None with the command that makes it noted in `missing`."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        missing.append(f"{Path(path).name} is missing: run `{maker}` to make it")
+def read_record(path):
+    """A JSON record as a dict; None if the file is missing; a UserError if it is unreadable."""
+    path = Path(path)
+    if not path.exists():
         return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable record ({first_line(error)}); rerun the command that made it") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a record (a JSON object); rerun the command that made it")
+    return record
 
 
 def made_by(rec):
@@ -974,77 +1302,124 @@ def made_by(rec):
     return f"made by `{rec['command']}` on {where} ({machine['device']}), torch {machine['torch']}"
 
 
+def machine_class(machine):
+    """How a record's machine computes: what decides the speed of `train` there."""
+    if machine.get("gpu"):
+        return f"GPU ({machine['gpu']})"
+    isa = machine.get("onednn_max_cpu_isa")
+    where = machine["cpu"] + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
+    native = machine.get("precision_auto") == "bfloat16"
+    return f"CPU {'with' if native else 'without'} native bfloat16 ({where})"
+
+
 def seconds_to_reach(history, accuracy):
     """Training seconds at the end of the first epoch whose test accuracy reaches `accuracy`."""
     return next((h["seconds"] for h in history if h["test_accuracy"] >= accuracy), None)
 
 
-def gather_report(args):
-    """Every section of the report as (heading, made-by line, text lines, image), from records."""
-    model_dir, records_dir, out_dir = Path(args.model_dir), Path(args.records_dir), Path(args.out_dir)
-    missing, sections, summary = [], [], []
-    results = read_record(model_dir / RESULTS_FILE, "python CNNclassify.py train --seeds 0 1 2", missing)
+def summary_rows(results):
+    """The headline rows of a training run's results."""
+    runs, machine = results["runs"], results["machine"]
+    seconds = [r["train_seconds"] for r in runs]
+    reached = [seconds_to_reach(r["history"], 75.0) for r in runs]
+    return [("machine (training)", f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} "
+             f"torch threads, {machine['device']}, {results['precision']}, torch {machine['torch']}"),
+            ("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} (mean +/- numpy.std, "
+             f"seeds {', '.join(str(r['seed']) for r in runs)}; {results['epochs']} epochs)"),
+            ("CNN training time per seed", f"{np.mean(seconds):.0f} s mean, {max(seconds):.0f} s max "
+             f"({np.mean([r['images_per_second'] for r in runs]):.0f} images/s)"),
+            ("CNN first epoch end at >= 75% test accuracy", "not reached by every seed" if None in reached
+             else f"{max(reached):.0f} s at most ({', '.join(f'{t:.0f}' for t in reached)} s)")]
+
+
+def machine_rows(results_files):
+    """One row per kind of machine that ran `train`: seconds per seed and accuracy."""
+    rows = [("machine", "command", "epochs", "s per seed (max)", "test accuracy")]
+    for path in results_files:
+        results = read_record(path)
+        if results:
+            rows.append((machine_class(results["machine"]), f"`{results['command']}`", str(results["epochs"]),
+                         f"{max(r['train_seconds'] for r in results['runs']):.0f}",
+                         f"{results['mean']:.2f}%" + (f" +/- {results['std']:.2f}" if len(results["runs"]) > 1 else "")))
+    return rows
+
+
+def markdown_table(rows):
+    """Rows of cells -> a markdown table whose first row is the header."""
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
+
+
+def collect_report(model_dir, records_dir):
+    """Everything the report shows, read from the records; writes nothing.
+
+    Returns summary rows, the sections in the assignment's order (a) to (h) as dicts
+    (title, source, lines, image, in_readme), the figures to draw {name: function(path)}
+    and the records that are missing, each with the command that makes it.
+    """
+    model_dir, records_dir = Path(model_dir), Path(records_dir)
+    code = Path(__file__).read_text().splitlines()
+    summary, missing, figures = [], [], {}
+    sections = {"a": [{"title": "(a) Code: CNNclassify.py", "source": f"the script itself, {len(code)} lines",
+                       "lines": code, "image": None, "in_readme": False}]}
+
+    def add(key, title, source, lines=(), image=None, in_readme=True):
+        sections.setdefault(key, []).append({"title": title, "source": source, "lines": list(lines),
+                                             "image": image, "in_readme": in_readme})
+
+    def need(path, maker):
+        record = read_record(path)
+        if record is None:
+            missing.append(f"{Path(path).name} is missing: run `{maker}` to make it")
+        return record
+
+    results = need(model_dir / RESULTS_FILE, "python CNNclassify.py train --seeds 0 1 2")
     if results:
-        runs = results["runs"]
-        machine = results["machine"]
-        summary.append(("machine (training)", f"{machine['cpu']}, {machine['cpu_count']} cores, "
-                        f"{machine['torch_threads']} torch threads, {machine['device']}, torch {machine['torch']}"))
-        summary.append(("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} "
-                        f"(mean +/- numpy.std, seeds {', '.join(str(r['seed']) for r in runs)})"))
-        seconds = [r["train_seconds"] for r in runs]
-        summary.append(("CNN training time per seed", f"{np.mean(seconds):.0f} s mean, {max(seconds):.0f} s max "
-                        f"({np.mean([r['images_per_second'] for r in runs]):.0f} images/s)"))
-        reached = [seconds_to_reach(r["history"], 75.0) for r in runs]
-        summary.append(("CNN first epoch end at >= 75% test accuracy", "not reached by every seed" if None in reached
-                        else f"{max(reached):.0f} s at most ({', '.join(f'{t:.0f}' for t in reached)} s)"))
-        sections.append(("(g) Seeds and final test accuracy", made_by(results), seed_table(results), None))
-        plot = model_dir / "accuracy.png"
-        if plot.exists():
-            shutil.copyfile(plot, out_dir / "accuracy.png")
-            sections.append(("(e) Train and test accuracy per epoch", made_by(results), [], "accuracy.png"))
-        epochs = len(runs[0]["history"])
-        lines = [f"$ {results['command']}"]
-        lines += [epoch_line(r["seed"], h, epochs) for r in runs for h in r["history"]] + seed_table(results)
-        sections.append((TRAINING_OUTPUT, made_by(results), lines, None))
-    model_file = model_dir / MAIN_MODEL
-    if model_file.exists():
-        lines = classify_image(IMAGE_DIR / "car.png", load_cnn(model_file), out_dir / "CONV_rslt.png")
+        summary += summary_rows(results)
+        epochs = len(results["runs"][0]["history"])
+        add("b", "(b) Output of training", made_by(results), [f"$ {results['command']}"]
+            + [epoch_line(r["seed"], h, epochs) for r in results["runs"] for h in r["history"]]
+            + seed_table(results), in_readme=False)
+        if (model_dir / "accuracy.png").exists():
+            figures["accuracy.png"] = functools.partial(copy_atomically, model_dir / "accuracy.png")
+            add("e", "(e) Train and test accuracy per epoch", made_by(results), image="accuracy.png")
+        add("g", "(g) Seeds and final test accuracy", made_by(results), seed_table(results))
+    if (model_dir / MAIN_MODEL).exists():
+        lines, figure = classify_image(IMAGE_DIR / "car.png", load_cnn(model_dir / MAIN_MODEL))
+        figures["CONV_rslt.png"] = functools.partial(draw_conv_maps, *figure)
         summary.append(("test car.png", lines[0]))
-        sections.append(("(b) Output of testing an image", "made by `report`, running `python CNNclassify.py "
-                         "test car.png` on the model in model/", ["$ python CNNclassify.py test car.png"] + lines, None))
-        sections.append(("(c) First conv layer for car.png (CONV_rslt.png)", "made by the same run", [], "CONV_rslt.png"))
+        add("b", "(b) Output of testing an image", "made by `report`, running `python CNNclassify.py test car.png` "
+            "on the model in model/", ["$ python CNNclassify.py test car.png", *lines])
+        add("c", "(c) First conv layer for car.png (CONV_rslt.png)", "made by the same run", image="CONV_rslt.png")
     else:
-        missing.append(f"{model_file} is missing: run `python CNNclassify.py train` to make it")
+        missing.append(f"{model_dir / MAIN_MODEL} is missing: run `python CNNclassify.py train` to make it")
     resnet_records = sorted(records_dir.glob("resnet20_*.json"))
     if not resnet_records:
         missing.append("resnet20_*.json is missing: run `python CNNclassify.py resnet20` to make it")
     for path in resnet_records:
-        rec = json.loads(path.read_text())
+        rec = read_record(path)
         summary.append((f"ResNet-20 ({Path(rec['weights']).name})", f"{rec['accuracy']:.2f}%"))
-        sections.append((f"(d) ResNet-20 test accuracy, {Path(rec['weights']).name}", made_by(rec),
-                         [f"$ {rec['command']}"] + rec["output"], None))
-    rec = read_record(records_dir / "profile.json", "python CNNclassify.py profile", missing)
+        add("d", f"(d) ResNet-20 test accuracy, {Path(rec['weights']).name}", made_by(rec), [f"$ {rec['command']}", *rec["output"]])
+    rec = need(records_dir / "profile.json", "python CNNclassify.py profile")
     if rec:
-        for m in rec["models"]:
-            summary.append((f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}"))
-        sections.append(("(f) MACs and parameters (THOP)", made_by(rec), [f"$ {rec['command']}"] + rec["output"], None))
-    rec = read_record(records_dir / "speed.json", "python CNNclassify.py speed", missing)
+        summary += [(f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}") for m in rec["models"]]
+        add("f", "(f) MACs and parameters (THOP)", made_by(rec), [f"$ {rec['command']}", *rec["output"]])
+    rec = need(records_dir / "speed.json", "python CNNclassify.py speed")
     if rec:
-        for m in rec["models"]:
-            summary.append((f"inference: {m['name']}", f"{m['mean_ms']:.3f} ms mean per image"))
-        sections.append(("(h) Inference time, one image", made_by(rec), [f"$ {rec['command']}"] + rec["output"], None))
-    return summary, sections, missing
+        summary += [(f"inference: {m['name']}", f"{m['mean_ms']:.3f} ms mean per image") for m in rec["models"]]
+        add("h", "(h) Inference time, one image", made_by(rec), [f"$ {rec['command']}", *rec["output"]])
+    ordered = [section for key in sorted(sections) for section in sections[key]]
+    return summary, ordered, figures, missing
 
 
 def write_markdown(summary, sections, missing, path):
     out = ["# CNNclassify report", "", "Built by `python CNNclassify.py report` from the records of the "
-           "commands below; no number is typed by hand.", "", "| item | result |", "| --- | --- |"]
-    out += [f"| {k} | {v} |" for k, v in summary]
-    for heading, source, lines, image in sections:
-        out += ["", f"## {heading}", "", source + ".", ""]
-        out += ["```", *lines, "```"] if lines else []
-        out += [f"![{heading}]({image})"] if image else []
-    out += ["", "## (a) Code", "", "[`CNNclassify.py`](../CNNclassify.py), printed in full at the end of report.pdf."]
+           "commands below; no number is typed by hand.", "", *markdown_table([("item", "result"), *summary])]
+    for section in sections:
+        out += ["", f"## {section['title']}", "", section["source"] + ".", ""]
+        fence = "```python" if section["title"].startswith("(a)") else "```"
+        out += [fence, *section["lines"], "```"] if section["lines"] else []
+        out += [f"![{section['title']}]({section['image']})"] if section["image"] else []
     if missing:
         out += ["", "## Missing records", ""] + [f"- {m}" for m in missing]
     write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(out) + "\n"))
@@ -1062,35 +1437,41 @@ def text_pages(pdf, heading, lines, per_page=70, size=7.5):
         plt.close(fig)
 
 
+def code_digest():
+    """sha256 of CNNclassify.py: report.pdf carries it, so a stale report can be detected."""
+    return sha256_of(Path(__file__))
+
+
 def write_pdf(summary, sections, missing, out_dir, path):
-    """Title page with the summary, one page per item, then the code, all with matplotlib."""
+    """Title page with the summary, then the sections (a) to (h), all with matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
 
     def write(tmp):
-        with PdfPages(tmp, metadata={"CreationDate": None}) as pdf:  # same records, same bytes
+        metadata = {"CreationDate": None, "Subject": f"CNNclassify.py sha256 {code_digest()}"}
+        with PdfPages(tmp, metadata=metadata) as pdf:  # same records, same bytes
             width = max([len(k) for k, _ in summary] + [10])
             text_pages(pdf, "CNNclassify report", [f"{k:<{width}s}  {v}" for k, v in summary]
                        + [""] + [f"missing: {m}" for m in missing], size=8)
-            for heading, source, lines, image in sections:
-                if image:
+            for section in sections:
+                if section["image"]:
                     fig = plt.figure(figsize=(11.69, 8.27))
-                    fig.text(0.04, 0.96, heading, fontsize=13, weight="bold", va="top")
-                    fig.text(0.04, 0.92, source, fontsize=8, va="top")
+                    fig.text(0.04, 0.96, section["title"], fontsize=13, weight="bold", va="top")
+                    fig.text(0.04, 0.92, section["source"], fontsize=8, va="top")
                     ax = fig.add_axes([0.03, 0.03, 0.94, 0.85])
-                    ax.imshow(plt.imread(out_dir / image))
+                    ax.imshow(plt.imread(out_dir / section["image"]))
                     ax.axis("off")
                     pdf.savefig(fig)
                     plt.close(fig)
+                elif section["title"].startswith("(a)"):
+                    text_pages(pdf, section["title"], [f"{i + 1:4d}  {line}" for i, line in enumerate(section["lines"])],
+                               per_page=95, size=5.8)
                 else:
-                    wrapped = [source, ""] + [chunk for line in lines for chunk in
-                                              [line[i:i + 120] for i in range(0, max(len(line), 1), 120)]]
-                    text_pages(pdf, heading, wrapped, size=6.5 if len(lines) > 40 else 7.5)
-            code = Path(__file__).read_text().splitlines()
-            text_pages(pdf, "(a) Code: CNNclassify.py", [f"{i + 1:4d}  {line}" for i, line in enumerate(code)],
-                       per_page=95, size=5.8)
+                    wrapped = [section["source"], ""] + [line[i:i + 120] for line in section["lines"]
+                                                         for i in range(0, max(len(line), 1), 120)]
+                    text_pages(pdf, section["title"], wrapped, size=6.5 if len(section["lines"]) > 40 else 7.5)
     write_atomically(path, write)
 
 
@@ -1103,33 +1484,39 @@ def replace_between_markers(text, name, content):
     return f"{before}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
 
 
-def update_readme(summary, sections, path):
-    """Rewrite README's results table and command outputs, so README never re-types a number."""
+def update_readme(summary, sections, machines, path):
+    """Rewrite README's results table, machine table and command outputs, so README never
+    re-types a number."""
     text = path.read_text() if path.exists() else ""
-    table = "\n".join(["| item | result |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in summary])
     outputs = []
-    for heading, source, lines, image in sections:
-        if lines and heading != TRAINING_OUTPUT:  # too long for README; the report has it
-            outputs += [f"{heading} ({source}):", "", "```", *lines, "```", ""]
-    text = replace_between_markers(text, "results", table)
+    for section in sections:
+        if section["lines"] and section["in_readme"]:
+            outputs += [f"{section['title']} ({section['source']}):", "", "```", *section["lines"], "```", ""]
+    text = replace_between_markers(text, "results", "\n".join(markdown_table([("item", "result"), *summary])))
+    text = replace_between_markers(text, "machines", "\n".join(markdown_table(machines)))
     text = replace_between_markers(text, "outputs", "\n".join(outputs).rstrip())
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def report(args):
+def command_report(args):
     """`report`: report/report.md and report/report.pdf from the recorded results, and
-    README's results table (with --readme)."""
+    README's tables (with --readme). All records are read and checked before anything is
+    written, so a bad record changes no file."""
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        summary, sections, missing = gather_report(args)
-    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        summary, sections, figures, missing = collect_report(args.model_dir, args.records_dir)
+        machines = machine_rows([Path(args.model_dir) / RESULTS_FILE, *sorted(MACHINE_RESULTS.glob("*.json"))])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise UserError(f"a record is malformed ({type(error).__name__}: {first_line(error)}); "
                         "rerun the command that made it") from None
+    ensure_writable(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, draw in figures.items():
+        draw(out_dir / name)
     write_markdown(summary, sections, missing, out_dir / "report.md")
     write_pdf(summary, sections, missing, out_dir, out_dir / "report.pdf")
     if args.readme:
-        update_readme(summary, sections, Path(args.readme))
+        update_readme(summary, sections, machines, Path(args.readme))
     for line in missing:
         log(line)
     print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.pdf'}")
@@ -1137,64 +1524,108 @@ def report(args):
 
 # ----------------------------------------------------------------------------- command line
 
-def add_common(parser, model=True):
-    """Options several commands share."""
-    if model:
-        parser.add_argument("--model", default=str(MODEL_DIR / MAIN_MODEL), help="our CNN's model file")
-    parser.add_argument("--records-dir", default=str(RECORDS_DIR), help="where the output is recorded for `report`")
-    parser.add_argument("--device", help="cpu, cuda or mps (default: the fastest present)")
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one line (exit 2) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, unless there is none or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def option_sets():
+    """Options that several commands share, each declared once."""
+    def option_set(*options):
+        parser = argparse.ArgumentParser(add_help=False)
+        for flags, settings in options:
+            parser.add_argument(*flags, **settings)
+        return parser
+
+    device = option_set((["--device"], {"help": "cpu, cuda, cuda:N or mps (default: the fastest present)"}),
+                        (["--precision"], {"choices": ["auto", *PRECISIONS], "default": "auto",
+                                           "help": "number format after conv1; auto: bfloat16 where the "
+                                                   "hardware computes it natively, else float32"}))
+    return {"device": device,
+            "model": option_set((["--model"], {"default": str(MODEL_DIR / MAIN_MODEL), "help": "our CNN's model file"})),
+            "weights": option_set((["--weights"], {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path or "
+                                                   "URL (a URL is cached by torch.hub, sha256-checked)"})),
+            "data": option_set((["--data-dir"], {"default": "data", "help": "folder holding cifar-10-batches-py/ "
+                                                 "(downloaded there when missing)"})),
+            "records": option_set((["--records-dir"], {"default": str(RECORDS_DIR),
+                                                       "help": "where results are recorded for `report`"}))}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    shared = option_sets()
 
-    p = commands.add_parser("train", help="train the CNN on CIFAR-10 and save it in model/")
-    p.add_argument("--seed", type=int, default=0, help="seed for one run (default 0)")
-    p.add_argument("--seeds", type=int, nargs="+", help="train once per seed, report mean and std")
-    p.add_argument("--epochs", type=int, default=HYPERPARAMETERS["epochs"])
-    p.add_argument("--batch-size", type=int, default=HYPERPARAMETERS["batch_size"],
-                   help="lr and weight decay scale with it (default %(default)s)")
-    p.add_argument("--subset", type=int, default=0,
-                   help="use only the first N train and test images (quick checks)")
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
-    p.add_argument("--model-dir", default=str(MODEL_DIR), help="where the model is saved")
-    p.add_argument("--device", help="cpu, cuda or mps (default: the fastest present)")
-    p.set_defaults(run=train)
+    def command(name, run, help, *uses):
+        p = commands.add_parser(name, help=help, description=help, parents=[shared[u] for u in uses],
+                                formatter_class=HelpFormatter)
+        p.set_defaults(run=run)
+        return p
 
-    p = commands.add_parser("test", help="classify an image and save CONV_rslt.png")
+    p = command("train", command_train, "train the CNN on CIFAR-10 and save it in model/", "data", "device")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of a single run")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", help="train once per seed, report mean and std")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, default=HYPERPARAMETERS["epochs"], help="epochs per seed")
+    length.add_argument("--budget", type=positive_float, metavar="SECONDS",
+                        help="instead of --epochs: as many epochs as fit in SECONDS per seed here, "
+                             "evaluation included (measured on a few steps first)")
+    p.add_argument("--batch-size", type=positive_int, default=HYPERPARAMETERS["batch_size"],
+                   help="lr and weight decay scale with it")
+    p.add_argument("--subset", type=non_negative_int, default=0,
+                   help="use only the first N train and test images (0: all); such quick checks "
+                        "save into model/subset/ unless --model-dir is given")
+    p.add_argument("--model-dir", help="where the models, results.json and the plot go "
+                                       "(default: model/, or model/subset/ with --subset)")
+
+    p = command("test", command_test, "classify an image and save CONV_rslt.png", "model", "device")
     p.add_argument("image", help="image file (PNG, JPEG, BMP, WebP, TIFF, ...); bare names "
                                  "are also looked up in test_images/")
-    p.add_argument("--out", default="CONV_rslt.png", help="where the conv-layer figure goes")
-    p.add_argument("--model", default=str(MODEL_DIR / MAIN_MODEL), help="model file")
-    p.add_argument("--device", help="cpu, cuda or mps (default: the fastest present)")
-    p.set_defaults(run=test)
+    p.add_argument("--out", default="CONV_rslt.png", help="where the conv-layer figure goes (.png, .jpg, .pdf, ...)")
 
-    p = commands.add_parser("resnet20", help="test accuracy of a pretrained ResNet-20")
-    p.add_argument("--weights", default=RESNET20_URL,
-                   help="checkpoint path or URL (default: the published option-A ResNet-20, cached by torch.hub)")
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/")
-    add_common(p, model=False)
-    p.set_defaults(run=resnet20)
+    command("resnet20", command_resnet20, "test accuracy of a pretrained ResNet-20", "weights", "data", "records", "device")
+    command("profile", command_profile, "MACs and parameters of both models (THOP)", "model", "weights", "records")
 
-    p = commands.add_parser("profile", help="MACs and parameters of both models (THOP)")
-    p.add_argument("--weights", default=RESNET20_URL, help="ResNet-20 checkpoint path or URL")
-    add_common(p)
-    p.set_defaults(run=profile_models)
+    p = command("speed", command_speed, "single-image inference time of both models", "model", "weights", "records", "device")
+    p.add_argument("--warmup", type=non_negative_int, default=50, help="untimed iterations first")
+    p.add_argument("--iterations", type=positive_int, default=1000, help="timed iterations")
 
-    p = commands.add_parser("speed", help="single-image inference time of both models")
-    p.add_argument("--weights", default=RESNET20_URL, help="ResNet-20 checkpoint path or URL")
-    p.add_argument("--warmup", type=int, default=50, help="untimed iterations first (default 50)")
-    p.add_argument("--iterations", type=int, default=1000, help="timed iterations (default 1000)")
-    add_common(p)
-    p.set_defaults(run=speed)
-
-    p = commands.add_parser("report", help="build report/report.md and report/report.pdf from the records")
+    p = command("report", command_report, "build report/report.md and report/report.pdf from the records", "records")
     p.add_argument("--model-dir", default=str(MODEL_DIR), help="where results.json and the model are")
-    p.add_argument("--records-dir", default=str(RECORDS_DIR), help="where resnet20/profile/speed recorded")
     p.add_argument("--out-dir", default=str(REPORT_DIR), help="where the report goes")
-    p.add_argument("--readme", help="also rewrite the results table between the markers in this README")
-    p.set_defaults(run=report)
+    p.add_argument("--readme", help="also rewrite the tables between the markers in this README")
     return parser
 
 

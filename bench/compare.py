@@ -4,15 +4,13 @@ The baseline stands for what public solutions of the assignment do: 3 conv layer
 BatchNorm (the first one the assignment's 5x5/32) + 2 fully connected layers, Adam at lr 1e-3,
 batch 64, torchvision per-image transforms (random crop with 4-pixel padding, flip) fed by a
 DataLoader. Each side gets --budget seconds of training; ours runs the epochs of its recipe
-that fit in the budget (from the seconds per epoch of model/results.json).
+that fit in the budget, as `train --budget` picks them (measured on a few steps first).
 
     python bench/compare.py --data-dir ../shared/cifar10 --budget 300 > bench/compare_cpu_2core.txt
 """
 import argparse
-import json
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +83,13 @@ def run_baseline(data, budget, seed):
             "images_per_second": epoch * len(train_set) / train_time, "seconds_per_epoch": elapsed / epoch}
 
 
-def run_ours(data, budget, seed, seconds_per_epoch):
-    epochs = max(1, int(budget // seconds_per_epoch))
-    model, history, seconds = C.train_one_seed(data, seed, Namespace(device="cpu", subset=0, epochs=epochs),
-                                               dict(C.HYPERPARAMETERS))
+def run_ours(data, budget, seed):
+    """What `train --budget` does: the epochs that fit in the budget, measured here first."""
+    device = torch.device("cpu")
+    dtype = C.compute_dtype(device)
+    hyp = dict(C.HYPERPARAMETERS)
+    epochs = C.epochs_within(budget, C.seconds_per_epoch(data, hyp, device, dtype))
+    _, history, seconds = C.train_one_seed(data, seed, dict(hyp, epochs=epochs), device, dtype)
     return {"test_accuracy": history[-1]["test_accuracy"], "epochs": epochs, "seconds": seconds,
             "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
             "seconds_per_epoch": seconds / epochs}
@@ -100,10 +101,8 @@ def main():
     parser.add_argument("--budget", type=float, default=300, help="training seconds for each side")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    recorded = json.loads((C.MODEL_DIR / C.RESULTS_FILE).read_text())
-    seconds_per_epoch = float(np.mean([run["seconds_per_epoch"] for run in recorded["runs"]]))
     data = C.load_cifar(args.data_dir)
-    ours = run_ours(data, args.budget, args.seed, seconds_per_epoch)
+    ours = run_ours(data, args.budget, args.seed)
     baseline = run_baseline(data, args.budget, args.seed)
     machine = C.machine_description(torch.device("cpu"))
     print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}")

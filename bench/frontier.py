@@ -7,7 +7,6 @@ accuracy is what a user would get by asking `train --epochs E`.
 """
 import argparse
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -23,13 +22,15 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     data = C.load_cifar(args.data_dir)
+    device = torch.device("cpu")
+    dtype = C.compute_dtype(device)
     rows = []
     for epochs in args.epochs:
-        _, history, seconds = C.train_one_seed(data, args.seed, Namespace(device="cpu", subset=0, epochs=epochs),
-                                               dict(C.HYPERPARAMETERS))
+        _, history, seconds = C.train_one_seed(data, args.seed, dict(C.HYPERPARAMETERS, epochs=epochs), device, dtype)
         rows.append((epochs, seconds, history[-1]["test_accuracy"]))
-    machine = C.machine_description(torch.device("cpu"))
-    print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}; seed {args.seed}")
+    machine = C.machine_description(device)
+    print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
+          f"{C.precision_name(dtype)}; seed {args.seed}")
     print(f"{'epochs':>6s} {'train seconds':>14s} {'final test acc':>15s}")
     for epochs, seconds, accuracy in rows:
         print(f"{epochs:6d} {seconds:14.1f} {accuracy:14.2f}%")

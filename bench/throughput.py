@@ -1,8 +1,8 @@
-"""Training throughput of our CNN (forward + backward + SGD step, images/s) by number format,
-memory layout, width and batch size: the measurements behind the recipe's CPU settings.
+"""Training throughput of our CNN (forward + backward + optimizer steps, images/s) by number
+format, memory layout, width and batch size: the measurements behind the recipe's CPU settings.
 With --evaluation, the test-set evaluation's throughput by batch size instead (EVAL_BATCH).
 
-    python bench/throughput.py | tee bench/throughput_cpu_2core.txt
+    python bench/throughput.py > bench/throughput_cpu_2core.txt
     python bench/throughput.py --evaluation > bench/evaluation_cpu_2core.txt
 """
 import argparse
@@ -11,28 +11,28 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import CNNclassify as C  # noqa: E402
 
 
-def images_per_second(widths, batch_size, channels_last, bfloat16, steps=6):
+def images_per_second(widths, batch_size, channels_last, dtype, steps=6, warmup=2):
+    """Training steps of the shipped recipe (Muon and SGD) on random data, timed after `warmup`."""
     torch.manual_seed(0)
-    model = C.CNN(widths=widths, bfloat16=bfloat16).train()
+    hyp = dict(C.HYPERPARAMETERS, widths=widths, batch_size=batch_size)
+    model = C.CNN(**{k: hyp[k] for k in C.MODEL_SETTINGS}).train()
+    model.compute_dtype = dtype
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = C.make_optimizer(model, C.HYPERPARAMETERS)
+    optimizers = C.make_optimizers(model, hyp, dtype)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in optimizers]
     x, y = torch.rand(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for step in range(steps + 2):  # two untimed steps first
-        if step == 2:
+    for step in range(steps + warmup):
+        if step == warmup:
             start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        C.train_step(model, optimizers, schedules, x, y, hyp)
     return batch_size * steps / (time.perf_counter() - start)
 
 
@@ -40,6 +40,7 @@ def evaluation_images_per_second(batch_size, images=2000):
     """C.evaluate's forward pass (eval mode: each image and its mirror) in batches of batch_size."""
     torch.manual_seed(0)
     model = C.build_cnn().eval()
+    model.compute_dtype = C.compute_dtype(torch.device("cpu"))
     x = torch.rand(images, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x[:batch_size])  # one untimed batch first
@@ -61,18 +62,20 @@ def main():
     parser.add_argument("--evaluation", action="store_true", help="time evaluation by batch size instead")
     args = parser.parse_args()
     machine = C.machine_description(torch.device("cpu"))
-    print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}")
+    print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
+          f"bfloat16 flags {machine['cpu_bfloat16_flags']}")
     if args.evaluation:
         print_evaluation_table()
         return
     print(f"{'widths':<15s} {'batch':>5s} {'layout':<14s} {'format':<8s} {'images/s':>9s}")
-    configs = [((64, 128, 256), 256, cl, bf) for cl in (False, True) for bf in (False, True)]
-    configs += [((64, 128, 256), b, True, True) for b in (512, 1024)]
-    configs += [(w, 512, True, True) for w in [(32, 64, 128), (64, 192, 256), (64, 256, 256)]]
-    for widths, batch, cl, bf in configs:
-        rate = images_per_second(widths, batch, cl, bf)
-        print(f"{str(widths):<15s} {batch:5d} {'channels_last' if cl else 'NCHW':<14s} "
-              f"{'bfloat16' if bf else 'float32':<8s} {rate:9.0f}", flush=True)
+    widths = tuple(C.HYPERPARAMETERS["widths"])
+    configs = [(widths, 256, cl, dtype) for cl in (False, True) for dtype in (torch.float32, torch.bfloat16)]
+    configs += [(widths, b, True, torch.bfloat16) for b in (512, 1024)]
+    configs += [(w, 256, True, torch.bfloat16) for w in [(32, 64, 128), (64, 192, 256), (64, 256, 256)]]
+    for w, batch, cl, dtype in configs:
+        rate = images_per_second(w, batch, cl, dtype)
+        print(f"{str(w):<15s} {batch:5d} {'channels_last' if cl else 'NCHW':<14s} "
+              f"{C.precision_name(dtype):<8s} {rate:9.0f}", flush=True)
 
 
 if __name__ == "__main__":

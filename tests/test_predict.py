@@ -161,3 +161,55 @@ def test_corrupt_model_file_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "broken.pt" in err[0] and "not a readable PyTorch file" in err[0]
+
+
+def test_huge_image_is_refused_before_decoding(tmp_path, shipped_model):
+    from PIL import Image
+    Image.new("L", (12000, 12000)).save(tmp_path / "huge.png")  # 144 megapixels, small on disk
+    result = run_cli("test", tmp_path / "huge.png", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "too large" in result.stderr
+    assert not (tmp_path / "CONV_rslt.png").exists()
+
+
+def test_large_photo_is_shrunk_right_after_decoding():
+    image = np.zeros((3000, 4000, 3), np.uint16)
+    assert C.shrink_to(image, 1024).shape == (768, 1024, 3) and C.shrink_to(image, 1024).dtype == np.uint16
+    assert C.shrink_to(image[:20, :30], 1024).shape == (20, 30, 3)
+
+
+@pytest.mark.parametrize("out,problem", [("folder", "is a directory"), ("x.weird", "unknown image type"),
+                                         ("/proc/self/nope/x.png", "cannot write into")])
+def test_bad_out_path_is_one_line_before_any_work(tmp_path, out, problem, shipped_model):
+    (tmp_path / "folder").mkdir()
+    result = run_cli("test", "car.png", "--out", out, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and problem in result.stderr
+
+
+def test_out_suffix_chooses_the_file_format(tmp_path, shipped_model):
+    for name, magic in [("c.jpg", b"\xff\xd8"), ("c.pdf", b"%PDF"), ("c.png", b"\x89PNG")]:
+        result = run_cli("test", "car.png", "--out", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / name).read_bytes().startswith(magic)
+
+
+def other_widths_checkpoint(path):
+    model = C.build_cnn(dict(C.HYPERPARAMETERS, widths=(16, 32, 64)))
+    checkpoint = {"state_dict": model.state_dict(), "settings": dict(model.settings(), widths=[64, 128, 256]),
+                  "mean": [0.5] * 3, "std": [0.25] * 3}
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("maker,problem", [
+    (lambda path: shutil.copy(ROOT.parent / "shared" / "weights" / "resnet20_cifar10_pretrained.pt", path),
+     "not a model saved by `CNNclassify.py train`"),
+    (other_widths_checkpoint, "do not fit the CNN it describes"),
+    (lambda path: torch.save({"state_dict": {}, "settings": {}, "mean": 0, "std": 0, "x": C.UserError("x")}, path),
+     "refused, since loading it would run code")])
+def test_wrong_model_file_is_one_line(tmp_path, maker, problem):
+    maker(tmp_path / "other.pt")
+    result = run_cli("test", "car.png", "--model", tmp_path / "other.pt", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and problem in err[0] and "weights_only=False" not in err[0]

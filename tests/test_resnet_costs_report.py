@@ -1,6 +1,8 @@
 """`resnet20`, `profile`, `speed` and `report`."""
+import hashlib
 import json
 import os
+import re
 import shutil
 from argparse import Namespace
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import CIFAR_DIR, WEIGHTS_A, WEIGHTS_B, run_cli
+from conftest import CIFAR_DIR, ROOT, WEIGHTS_A, WEIGHTS_B, run_cli
 
 
 @pytest.mark.parametrize("weights,expected,option", [(WEIGHTS_A, "91.73% (9173/10000)", "A"),
@@ -63,7 +65,7 @@ def test_profile_counts_resnet20_params_and_leaves_models_untouched(weights, par
 
 
 def test_inference_speed_test_times_both_models(tmp_path, shipped_model):
-    args = Namespace(device="cpu", warmup=2, iterations=5, model=str(C.MODEL_DIR / C.MAIN_MODEL), weights=str(WEIGHTS_B))
+    args = Namespace(device="cpu", precision="auto", warmup=2, iterations=5, model=str(C.MODEL_DIR / C.MAIN_MODEL), weights=str(WEIGHTS_B))
     result = C.inference_speed_test(args)
     assert [m["name"] for m in result["models"]] == ["CNN (ours)", "CNN, one view", "ResNet-20"]
     for m in result["models"]:
@@ -82,11 +84,11 @@ def write_fixture_records(folder):
     runs = [{"seed": s, "test_accuracy": 62.0 + s, "train_seconds": 20.0, "images_per_second": 100.0,
              "seconds_per_epoch": 10.0, "history": history} for s in (0, 1, 2)]
     results = {"command": "python CNNclassify.py train --seeds 0 1 2", "machine": machine, "runs": runs,
-               "mean": 63.0, "std": 0.816}
+               "mean": 63.0, "std": 0.816, "precision": "float32", "epochs": 2}
     (model_dir / "results.json").write_text(json.dumps(results))
     C.plot_accuracy(runs, model_dir / "accuracy.png")
     model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8))
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
     C.save_checkpoint(model_dir / "cnn.pt", model, {})
     common = {"command": "python CNNclassify.py x", "machine": machine}
     (records / "resnet20_w.json").write_text(json.dumps({**common, "weights": "w.pt", "accuracy": 91.5, "output": ["ResNet-20 test accuracy: 91.50%"]}))
@@ -112,12 +114,15 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
                  "seed 2 epoch  2/2", "python CNNclassify.py train --seeds 0 1 2"]:
         assert text in markdown
-    import re
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert set(images) == {"accuracy.png", "CONV_rslt.png"} and all((out / i).is_file() for i in images)
     assert (out / "report.pdf").read_bytes()[:5] == b"%PDF-"
-    assert "Missing" not in markdown and result.stderr == ""
+    assert "\n## Missing records\n" not in markdown and result.stderr == ""
     assert "| CNN first epoch end at >= 75% test accuracy | not reached by every seed |" in updated
+    headings = re.findall(r"^## \((\w)\)", markdown, flags=re.M)
+    assert headings == sorted(headings) and set(headings) == set("abcdefgh")  # the assignment's order
+    assert (ROOT / "CNNclassify.py").read_text() in markdown  # (a) is the code as it is
+    assert hashlib.sha256((ROOT / "CNNclassify.py").read_bytes()).hexdigest().encode() in (out / "report.pdf").read_bytes()
 
 
 def test_seconds_to_reach_is_the_first_epoch_end_at_the_accuracy():
@@ -134,3 +139,70 @@ def test_report_names_the_command_for_a_missing_record(tmp_path):
     assert result.returncode == 0
     assert "run `python CNNclassify.py speed` to make it" in result.stderr
     assert "python CNNclassify.py speed" in (out / "report.md").read_text() and (out / "report.pdf").exists()
+
+
+def test_shipped_report_prints_the_committed_code():
+    """report.pdf embeds CNNclassify.py (item a): it must be the code as committed."""
+    pdf = (ROOT / "report" / "report.pdf").read_bytes()
+    digest = hashlib.sha256((ROOT / "CNNclassify.py").read_bytes()).hexdigest()
+    assert digest.encode() in pdf, "report/report.pdf is stale: rerun `python CNNclassify.py report --readme README.md`"
+    assert (ROOT / "CNNclassify.py").read_text() in (ROOT / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"runs": "three", "machine": {}}', "[1, 2]"])
+def test_bad_results_file_is_one_line_and_changes_nothing(tmp_path, damage):
+    model_dir, records = write_fixture_records(tmp_path)
+    out = tmp_path / "report"
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n")
+    assert run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (model_dir / "results.json").write_text(damage)
+    result = run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, "--readme", readme)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "results.json" in result.stderr or "malformed" in result.stderr
+    assert readme.read_text() == "<!-- results:start -->\nkept\n<!-- results:end -->\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_tampered_cached_checkpoint_is_refused(tmp_path):
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {}}, checkpoints / "resnet20-12fca82f.th")
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
+    result = run_cli("resnet20", "--data-dir", CIFAR_DIR, "--records-dir", tmp_path, env=env)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: checksum mismatch") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_download_with_the_wrong_hash_is_a_checksum_mismatch_and_saves_nothing(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "resnet20-12fca82f.th").write_bytes(b"not the published weights")
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
+    result = run_cli("resnet20", "--weights", (served / "resnet20-12fca82f.th").as_uri(), "--data-dir", CIFAR_DIR,
+                     "--records-dir", tmp_path, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith("error: checksum mismatch")
+    assert not list((tmp_path / "torch").rglob("*.th"))
+
+
+def test_download_path_fills_the_cache_and_keeps_stdout_for_results(tmp_path, monkeypatch, capsys):
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(WEIGHTS_A, served / "resnet20-12fca82f.th")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoint = C.fetch_resnet20_checkpoint((served / "resnet20-12fca82f.th").as_uri())
+    assert checkpoint["state_dict"].keys() == torch.load(WEIGHTS_A, map_location="cpu", weights_only=True)["state_dict"].keys()
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "resnet20-12fca82f.th").read_bytes() == WEIGHTS_A.read_bytes()
+    output = capsys.readouterr()
+    assert output.out == "" and "downloading" in output.err
+
+
+@pytest.mark.parametrize("args,problem", [(["--iterations", "0"], "--iterations: must be 1 or more"),
+                                          (["--warmup", "-1"], "--warmup: must be 0 or more"),
+                                          (["--device", "mps"], "no such device")])
+def test_bad_speed_options_are_one_line(args, problem, tmp_path):
+    result = run_cli("speed", *args, "--records-dir", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and problem in result.stderr

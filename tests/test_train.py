@@ -2,11 +2,13 @@
 import functools
 import hashlib
 import http.server
+import itertools
 import json
+import os
 import pickle
 import tarfile
 import threading
-from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,17 +102,34 @@ def test_output_shapes(training):
 
 
 def test_whitening_decorrelates_patches():
-    """After set_whitening the first 16 filters give uncorrelated, unit-variance outputs."""
+    """After set_whitening each group of filters (all 12 directions of the 2x2 patches, then the
+    4 strongest of the 5x5 patches) gives uncorrelated, unit-variance outputs; the rest are negatives."""
     images = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8)
     images = (images.float() * 0.3 + images.float().mean(1, keepdim=True) * 0.7).to(torch.uint8)  # correlated channels
     model = C.build_cnn()
-    C.set_whitening(model, images, eps=0)
+    C.set_whitening(model, images, ((2, 12), (5, 4)), eps=0)
     with torch.no_grad():
         out = model.first_layer(C.to_float(images)).double()
-    features = out[:, :16].permute(1, 0, 2, 3).reshape(16, -1)
-    covariance = torch.cov(features)
-    assert torch.allclose(covariance, torch.eye(16, dtype=torch.double), atol=0.05)
+    for group in (slice(0, 12), slice(12, 16)):
+        features = out[:, group].permute(1, 0, 2, 3).reshape(out[:, group].shape[1], -1)
+        assert torch.allclose(torch.cov(features), torch.eye(len(features), dtype=torch.double), atol=0.05)
     assert torch.allclose(out[:, 16:], -out[:, :16])
+    weight = model.conv1.weight
+    assert weight[:12, :, 2:4, 2:4].abs().sum() > 0 and weight[:12].abs().sum() == weight[:12, :, 2:4, 2:4].abs().sum()
+
+
+def test_muon_orthogonalises_and_keeps_the_filter_norm():
+    matrix = torch.randn(64, 288, generator=torch.Generator().manual_seed(0))
+    singular = torch.linalg.svdvals(C.orthogonalize(matrix))
+    assert singular.min() > 0.5 and singular.max() < 1.5  # Muon's quintic lands in about 0.5-1.5
+    conv = torch.nn.Conv2d(32, 64, 3, bias=False)
+    optimizer = C.Muon(conv.parameters(), lr=0.1, momentum=0.6)
+    for _ in range(3):
+        conv(torch.randn(2, 32, 8, 8)).square().mean().backward()
+        optimizer.step()
+        conv.zero_grad()
+    # rescaled to sqrt(64) before each step, then moved by lr x an update of spectral norm ~1
+    assert abs(conv.weight.norm().item() - 8.0) < 0.1 * 8 ** 0.5 * 1.5
 
 
 def test_flip_and_translate_are_batched_views_of_the_input():
@@ -132,6 +151,7 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert factors[20] == pytest.approx(1.0) and factors[100] == 0.0
     assert all(a <= b for a, b in zip(factors[:20], factors[1:21]))
     assert all(a >= b for a, b in zip(factors[20:], factors[21:]))
+    assert [C.lr_factor(step, 1, 0.2) for step in (0, 1)] == [1.0, 0.0]  # a single step is a valid run
 
 
 def test_weight_average_moves_by_the_ramped_decay():
@@ -155,13 +175,13 @@ def test_weight_average_moves_by_the_ramped_decay():
 
 def test_save_load_round_trip(tmp_path):
     model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8))
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
     model.train()
     with torch.no_grad():
         for _ in range(2):  # move BN statistics away from their initial values
             model(torch.rand(8, 3, 32, 32))
     C.save_checkpoint(tmp_path / "m.pt", model, {"seed": 3})
-    loaded = C.load_cnn(tmp_path / "m.pt")
+    loaded = C.load_cnn(tmp_path / "m.pt", precision="float32")  # the format the model was built with
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded(x))
@@ -185,15 +205,17 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cnn.pt"]
 
 
-def tiny_run(seed):
+def tiny_data():
     rng = torch.Generator().manual_seed(123)
-    data = {"train": (torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=rng),
+    return {"train": (torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=rng),
                       torch.randint(0, 10, (96,), generator=rng)),
             "test": (torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=rng),
                      torch.randint(0, 10, (32,), generator=rng))}
-    args = Namespace(device="cpu", subset=0, epochs=2)
-    hyp = dict(C.HYPERPARAMETERS, batch_size=32, whitening_images=96)
-    model, history, _ = C.train_one_seed(data, seed, args, hyp)
+
+
+def tiny_run(seed):
+    hyp = dict(C.HYPERPARAMETERS, epochs=2, batch_size=32, whitening_images=96)
+    model, history, _ = C.train_one_seed(tiny_data(), seed, hyp, torch.device("cpu"))
     return model.state_dict(), history
 
 
@@ -231,8 +253,10 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
 def test_train_help_lists_options():
     result = run_cli("train", "--help")
     assert result.returncode == 0
-    for option in ["--seed", "--seeds", "--epochs", "--batch-size", "--data-dir", "--model-dir", "--device", "--subset"]:
+    for option in ["--seed", "--seeds", "--epochs", "--budget", "--batch-size", "--data-dir", "--model-dir",
+                   "--device", "--precision", "--subset"]:
         assert option in result.stdout
+    assert "(default: 13)" in result.stdout and "(default: data)" in result.stdout
 
 
 def test_shipped_model_scores_what_training_recorded(cifar, shipped_model):
@@ -242,3 +266,161 @@ def test_shipped_model_scores_what_training_recorded(cifar, shipped_model):
     _, correct = C.evaluate(shipped_model, *cifar["test"], "cpu")
     assert 100 * correct / 10000 == pytest.approx(main_run["test_accuracy"], abs=0.05)
     assert correct >= 7500
+
+
+# ----------------------------------------------------------------------------- number format and --budget
+
+@pytest.mark.parametrize("flags,cap,expected", [({"avx512_bf16"}, "", torch.bfloat16),
+                                                ({"amx_bf16", "amx_tile"}, "", torch.bfloat16),
+                                                ({"avx2", "avx512f"}, "", torch.float32),
+                                                ({"avx512_bf16"}, "AVX2", torch.float32),
+                                                ({"avx512_bf16"}, "avx512_core", torch.float32),
+                                                ({"avx512_bf16"}, "AVX512_CORE_BF16", torch.bfloat16)])
+def test_cpu_format_follows_the_hardware_and_the_onednn_cap(monkeypatch, flags, cap, expected):
+    monkeypatch.setattr(C, "cpu_flags", lambda: flags)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert C.compute_dtype(torch.device("cpu")) == expected
+    assert C.compute_dtype(torch.device("cpu"), "float32") == torch.float32
+    assert C.compute_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+
+
+def test_loaded_model_computes_in_the_format_of_the_machine_it_runs_on(tmp_path, monkeypatch):
+    model = C.build_cnn()
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
+    C.save_checkpoint(tmp_path / "m.pt", model, {"precision": "bfloat16"})
+    monkeypatch.setattr(C, "cpu_flags", lambda: set())
+    assert C.load_cnn(tmp_path / "m.pt").compute_dtype == torch.float32
+    monkeypatch.setattr(C, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert C.load_cnn(tmp_path / "m.pt").compute_dtype == torch.bfloat16
+
+
+def test_avx2_capped_train_records_float32(tmp_path):
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    result = run_cli("train", "--epochs", "1", "--subset", "64", "--data-dir", tmp_path / "data",
+                     "--model-dir", tmp_path / "m", env=env)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert results["precision"] == "float32" and results["machine"]["onednn_max_cpu_isa"] == "AVX2"
+    assert results["machine"]["precision_auto"] == "float32"
+    assert torch.load(tmp_path / "m" / "cnn.pt", weights_only=True)["precision"] == "float32"
+
+
+def test_budget_picks_fewer_epochs_for_slower_steps_never_zero():
+    assert C.epochs_within(900, 60) == 14
+    assert C.epochs_within(900, 120) == 7 < C.epochs_within(900, 60)
+    assert C.epochs_within(100, 95) == 1
+    with pytest.raises(C.UserError, match="less than one epoch"):
+        C.epochs_within(100, 200)
+
+
+def test_epoch_seconds_come_from_the_timed_steps_and_evaluation():
+    """A fake clock advancing 0.5 s per call: each timed step and the evaluation take 0.5 s."""
+    ticks = itertools.count()
+    clock = lambda: 0.5 * next(ticks)
+    hyp = dict(C.HYPERPARAMETERS, epochs=1, batch_size=32, whitening_images=96)
+    seconds = C.seconds_per_epoch(tiny_data(), hyp, torch.device("cpu"), torch.float32, clock=clock)
+    assert seconds == pytest.approx(3 * 0.5 + 0.5)  # 96 images = 3 steps of 32; 32 test images in one go
+
+
+def test_budget_too_small_is_refused_before_training(tmp_path):
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    result = run_cli("train", "--budget", "0.001", "--data-dir", tmp_path / "data", "--model-dir", tmp_path / "m")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "less than one epoch" in result.stderr
+    assert not list((tmp_path / "m").glob("*.pt"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_crafted_batch_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps({"data": Payload(), "labels": []}))
+    with pytest.raises(C.UserError, match="data_batch_3.*refused to load"):
+        C.read_cifar_batch(tmp_path / "data_batch_3")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("batch,problem", [
+    ({"data": np.zeros((4, 3000), np.uint8), "labels": [0] * 4}, "'data'"),
+    ({"data": np.zeros((4, 3072), np.float32), "labels": [0] * 4}, "'data'"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": [0] * 3}, "'labels'"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 10]}, "'labels'"),
+    ([1, 2, 3], "not a CIFAR-10 batch")])
+def test_malformed_batch_is_one_error_naming_the_file(tmp_path, batch, problem):
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(C.UserError, match=problem) as error:
+        C.read_cifar_batch(tmp_path / "test_batch")
+    assert "test_batch" in str(error.value)
+
+
+@pytest.mark.parametrize("args,problem", [
+    (["--epochs", "0"], "--epochs: must be 1 or more"), (["--batch-size", "-5"], "--batch-size: must be 1 or more"),
+    (["--batch-size", "0"], "--batch-size: must be 1 or more"), (["--seed", "-1"], "--seed: must be 0 or more"),
+    (["--subset", "-3"], "--subset: must be 0 or more"), (["--seeds", "0", "0"], "a seed is given twice"),
+    (["--device", "foo"], "not a device name"), (["--device", "cuda:7"], "no such device"),
+    (["--budget", "-1"], "--budget: must be more than 0"), (["--epochs", "2", "--budget", "60"], "not allowed with")])
+def test_bad_train_options_are_one_line_and_change_nothing(tmp_path, args, problem):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "cnn.pt").write_bytes(b"shipped model")
+    result = run_cli("train", *args, "--data-dir", tmp_path / "none", "--model-dir", model_dir)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0], lines
+    assert [p.name for p in model_dir.iterdir()] == ["cnn.pt"] and (model_dir / "cnn.pt").read_bytes() == b"shipped model"
+
+
+@pytest.mark.parametrize("model_dir", ["/proc/no/such/place", "read-only"])
+def test_unwritable_model_dir_fails_before_training(tmp_path, model_dir):
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    if model_dir == "read-only":
+        model_dir = tmp_path / "ro"
+        model_dir.mkdir()
+        model_dir.chmod(0o555)
+        if os.access(model_dir, os.W_OK) and os.geteuid() == 0:  # root ignores the mode bits
+            model_dir = Path("/proc/self/read-only")
+    result = run_cli("train", "--subset", "64", "--data-dir", tmp_path / "data", "--model-dir", model_dir)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot write into" in result.stderr
+
+
+def test_subset_runs_never_replace_the_default_model(tmp_path, monkeypatch, capsys):
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    monkeypatch.setattr(C, "MODEL_DIR", tmp_path / "model")
+    assert C.main(["train", "--epochs", "1", "--subset", "64", "--data-dir", str(tmp_path / "data")]) == 0
+    assert (tmp_path / "model" / "subset" / "cnn.pt").is_file() and not (tmp_path / "model" / "cnn.pt").exists()
+    assert "model/subset/" in run_cli("train", "--help").stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_one_step_run_trains_and_saves(tmp_path):
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    result = run_cli("train", "--epochs", "1", "--subset", "50", "--data-dir", tmp_path / "data", "--model-dir", tmp_path / "m")
+    assert result.returncode == 0, result.stderr  # 50 images in one batch of 256: one optimiser step
+    assert (tmp_path / "m" / "cnn.pt").is_file()
+
+
+def test_results_are_written_as_each_seed_ends(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second seed leaves cnn.pt, results.json and the plot of the first."""
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    real = C.train_one_seed
+
+    def interrupted_at_seed_1(data, seed, *args):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return real(data, seed, *args)
+
+    monkeypatch.setattr(C, "train_one_seed", interrupted_at_seed_1)
+    code = C.main(["train", "--seeds", "0", "1", "--epochs", "1", "--subset", "64",
+                   "--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "m")])
+    assert code == 130
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert [run["seed"] for run in results["runs"]] == [0]
+    assert (tmp_path / "m" / "cnn.pt").read_bytes() == (tmp_path / "m" / "cnn_seed0.pt").read_bytes()
+    assert (tmp_path / "m" / "accuracy.png").is_file()

@@ -1,0 +1,52 @@
+"""One change at a time against the shipped recipe: accuracy and training seconds of one seed.
+
+Each variant is HYPERPARAMETERS with the overrides below; all run the same number of epochs
+on the same machine, in the number format `auto` picks there.
+
+    python bench/ablation.py --data-dir ../shared/cifar10 --epochs 4 > bench/ablation_cpu_2core.txt
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import CNNclassify as C  # noqa: E402
+
+VARIANTS = {
+    "shipped": {},
+    "5x5 stem (16 directions)": {"whitening": ((5, 16),)},
+    "SGD for conv filters": {"muon_lr_per_1024": 0.0},
+    "Muon lr x2": {"muon_lr_per_1024": 2 * C.HYPERPARAMETERS["muon_lr_per_1024"]},
+    "widths 64/256/256": {"widths": (64, 256, 256)},
+    "batch 512": {"batch_size": 512},
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    dtype = C.compute_dtype(device)
+    machine = C.machine_description(device)
+    data = C.load_cifar(args.data_dir)
+    print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
+          f"{C.precision_name(dtype)}; seed {args.seed}, {args.epochs} epochs each", flush=True)
+    rows = []
+    for name in args.variants:
+        hyp = dict(C.HYPERPARAMETERS, epochs=args.epochs, **VARIANTS[name])
+        _, history, seconds = C.train_one_seed(data, args.seed, hyp, device, dtype)
+        rows.append((name, history[-1]["test_accuracy"], seconds))
+        print(f"# {name}: {history[-1]['test_accuracy']:.2f}% in {seconds:.1f} s", flush=True)
+    print(f"{'variant':<28s} {'test acc':>8s} {'seconds':>8s}")
+    for name, accuracy, seconds in rows:
+        print(f"{name:<28s} {accuracy:7.2f}% {seconds:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

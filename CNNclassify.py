@@ -62,7 +62,7 @@ CIFAR_TEST_FILE = "test_batch"
 # (bench/throughput.py, bench/ablation.py); the number format for the machine at hand
 # (compute_dtype).
 HYPERPARAMETERS = {
-    "epochs": 13,
+    "epochs": 15,
     "batch_size": 256,
     "lr_per_1024": 1.5,       # peak lr of the batch-mean loss is this x batch_size / 1024
     "bias_lr_scale": 64.0,    # BatchNorm biases learn this much faster (airbench94)
@@ -81,7 +81,7 @@ HYPERPARAMETERS = {
     "muon_momentum": 0.6,
 }
 
-EVAL_BATCH = 64   # 1.5x the images/s of batches of 1000 on 2 cores (bench/throughput.py --evaluation)
+EVAL_BATCH = 64   # 1.9x the images/s of batches of 1000 on 2 cores (bench/evaluation_cpu_2core.txt)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -972,6 +972,22 @@ def prediction_lines(probabilities):
     return lines
 
 
+def figure_format(path):
+    """The image format matplotlib writes for path's suffix, checked before any work is done."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if path.is_dir():
+        raise UserError(f"--out {path}: is a directory; give a file name such as {path / 'CONV_rslt.png'}")
+    if suffix not in supported:
+        raise UserError(f"--out {path}: unknown image type '{path.suffix}' (use one of {', '.join(sorted(supported))})")
+    ensure_writable(path.parent)
+    return suffix
+
+
 def draw_conv_maps(rgb, x, maps, title, path):
     """Input image beside the 32 first-layer maps (4 x 8, each on its own scale)."""
     import matplotlib
@@ -1007,22 +1023,6 @@ def classify_image(image_path, model):
     lines = prediction_lines(probabilities)
     title = f"{path.name}: first conv layer (5x5, 32 filters), 28x28 outputs; predicted {lines[0].split(': ')[1]}"
     return lines, (rgb, x, maps, title)
-
-
-def figure_format(path):
-    """The image format matplotlib writes for path's suffix, checked before any work is done."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    path = Path(path)
-    suffix = path.suffix.lower().lstrip(".")
-    supported = Figure().canvas.get_supported_filetypes()
-    if path.is_dir():
-        raise UserError(f"--out {path}: is a directory; give a file name such as {path / 'CONV_rslt.png'}")
-    if suffix not in supported:
-        raise UserError(f"--out {path}: unknown image type '{path.suffix}' (use one of {', '.join(sorted(supported))})")
-    ensure_writable(path.parent)
-    return suffix
 
 
 def command_test(args):
@@ -1170,8 +1170,8 @@ def command_resnet20(args):
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
     save_record(args, f"resnet20_option{model.option}", [line],
-           {"weights": args.weights, "correct": correct, "total": len(labels),
-            "accuracy": 100 * correct / len(labels)}, device)
+                {"weights": args.weights, "correct": correct, "total": len(labels),
+                 "accuracy": 100 * correct / len(labels)}, device)
 
 
 
@@ -1215,9 +1215,9 @@ def command_profile(args):
     """`profile`: MACs and parameters of our CNN and ResNet-20 (THOP)."""
     rows, lines = cost_table(load_cnn(args.model), load_resnet20(args.weights))
     print("\n".join(lines))
-    save_record(args, "profile", lines, {"weights": args.weights,
-                                    "models": [{"name": n, "macs": m, "params": p} for n, m, p in rows]},
-           torch.device("cpu"))
+    save_record(args, "profile", lines,
+                {"weights": args.weights, "models": [{"name": n, "macs": m, "params": p} for n, m, p in rows]},
+                torch.device("cpu"))
 
 
 @torch.inference_mode()

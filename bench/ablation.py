@@ -18,9 +18,10 @@ VARIANTS = {
     "shipped": {},
     "5x5 stem (16 directions)": {"whitening": ((5, 16),)},
     "SGD for conv filters": {"muon_lr_per_1024": 0.0},
-    "Muon lr x2": {"muon_lr_per_1024": 2 * C.HYPERPARAMETERS["muon_lr_per_1024"]},
-    "widths 64/256/256": {"widths": (64, 256, 256)},
+    "no weight averaging": {"average_decay": 0.0},
+    "no label smoothing": {"label_smoothing": 0.0},
     "batch 512": {"batch_size": 512},
+    "widths 64/256/256": {"widths": (64, 256, 256)},
 }
 
 

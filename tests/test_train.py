@@ -114,8 +114,9 @@ def test_whitening_decorrelates_patches():
         features = out[:, group].permute(1, 0, 2, 3).reshape(out[:, group].shape[1], -1)
         assert torch.allclose(torch.cov(features), torch.eye(len(features), dtype=torch.double), atol=0.05)
     assert torch.allclose(out[:, 16:], -out[:, :16])
-    weight = model.conv1.weight
-    assert weight[:12, :, 2:4, 2:4].abs().sum() > 0 and weight[:12].abs().sum() == weight[:12, :, 2:4, 2:4].abs().sum()
+    outside = model.conv1.weight[:12].clone()  # the 2x2 filters sit at the kernel's centre, zero elsewhere
+    outside[:, :, 2:4, 2:4] = 0
+    assert outside.abs().max() == 0 and model.conv1.weight[:12, :, 2:4, 2:4].abs().min() > 0
 
 
 def test_muon_orthogonalises_and_keeps_the_filter_norm():
@@ -256,16 +257,21 @@ def test_train_help_lists_options():
     for option in ["--seed", "--seeds", "--epochs", "--budget", "--batch-size", "--data-dir", "--model-dir",
                    "--device", "--precision", "--subset"]:
         assert option in result.stdout
-    assert "(default: 13)" in result.stdout and "(default: data)" in result.stdout
+    assert f"(default: {C.HYPERPARAMETERS['epochs']})" in result.stdout and "(default: data)" in result.stdout
 
 
 def test_shipped_model_scores_what_training_recorded(cifar, shipped_model):
-    """load_cnn() on raw [0, 1] RGB gives the final accuracy that results.json reports."""
+    """load_cnn() on raw [0, 1] RGB gives the final accuracy that results.json reports: exactly
+    (to its rounding) in the format it was trained in; within 0.2 points (20 of 10,000 images)
+    in the other, since bfloat16 and float32 round differently and a few borderline images flip."""
     results = json.loads((ROOT / "model" / "results.json").read_text())
     main_run = next(run for run in results["runs"] if run["seed"] == results["main_seed"])
-    _, correct = C.evaluate(shipped_model, *cifar["test"], "cpu")
-    assert 100 * correct / 10000 == pytest.approx(main_run["test_accuracy"], abs=0.05)
-    assert correct >= 7500
+    for precision in ("auto", "float32"):
+        model = C.load_cnn(precision=precision)
+        _, correct = C.evaluate(model, *cifar["test"], "cpu")
+        same_format = C.precision_name(model.compute_dtype) == results["precision"]
+        assert 100 * correct / 10000 == pytest.approx(main_run["test_accuracy"], abs=0.05 if same_format else 0.2)
+        assert correct >= 9000
 
 
 # ----------------------------------------------------------------------------- number format and --budget

@@ -573,7 +573,7 @@ def make_optimizers(model, hyp, dtype=torch.float32):
     trained = [p for p in model.parameters() if p.requires_grad]
     filters = [p for p in trained if p.ndim == 4] if hyp["muon_lr_per_1024"] else []
     biases = [p for p in trained if p.ndim == 1]
-    others = [p for p in trained if p.ndim > 1 and not any(p is f for f in filters)]
+    others = [p for p in trained if p.ndim == 2 or (p.ndim == 4 and not filters)]  # head, and filters without Muon
     scale = hyp["batch_size"] / 1024
     lr, decay = hyp["lr_per_1024"] * scale, hyp["decay_per_1024"] * scale
     bias_lr = lr * hyp["bias_lr_scale"]

@@ -13,6 +13,7 @@ visualisation, ResNet-20, costs, report, command line.
 """
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -58,12 +60,9 @@ CIFAR_TEST_FILE = "test_batch"
 # first layer, BatchNorm with only a bias, GELU, label smoothing, Muon for the conv filters
 # and Nesterov SGD for the rest, a short warm-up and a linear decay, alternating flips,
 # 2-pixel translations and flip test-time augmentation; what is evaluated and saved is a
-# moving average of the weights. Widths, batch size and epochs are chosen for a 2-core CPU
-# (bench/throughput.py, bench/ablation.py); the number format for the machine at hand
-# (compute_dtype).
+# moving average of the weights. The number format is chosen per machine (choose_format),
+# the batch size and epochs per kind of device (DEVICE_DEFAULTS).
 HYPERPARAMETERS = {
-    "epochs": 15,
-    "batch_size": 256,
     "lr_per_1024": 1.5,       # peak lr of the batch-mean loss is this x batch_size / 1024
     "bias_lr_scale": 64.0,    # BatchNorm biases learn this much faster (airbench94)
     "momentum": 0.85,
@@ -81,8 +80,16 @@ HYPERPARAMETERS = {
     "muon_momentum": 0.6,
 }
 
-EVAL_BATCH = 64   # 1.9x the images/s of batches of 1000 on 2 cores (bench/evaluation_cpu_2core.txt)
+# What differs by kind of device: the batch that keeps it busy, the epochs for that batch,
+# and the evaluation batch. A 2-core CPU is fastest with small batches (bench/throughput.py:
+# evaluation in batches of 64 runs 1.9x faster than in batches of 1000); a GPU needs
+# large ones to fill it (issue #16: batch 1024 gave 93.46% on an H200).
+DEVICE_DEFAULTS = {
+    "cpu": {"batch_size": 256, "epochs": 15, "eval_batch": 64},
+    "gpu": {"batch_size": 1024, "epochs": 15, "eval_batch": 2000},
+}
 
+MAX_BUDGET = 7 * 24 * 3600  # --budget above a week is a typo, not a plan
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -135,8 +142,21 @@ def ensure_writable(folder):
         raise UserError(f"cannot write into {folder} ({error.strerror or first_line(error)})") from None
 
 
+def device_class(device):
+    """"cpu" or "gpu": the key of DEVICE_DEFAULTS (CUDA and Apple MPS count as GPUs)."""
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so a clock reading means something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cpu_flags():
@@ -150,25 +170,25 @@ def cpu_flags():
     return set()
 
 
+def cpu_name():
+    """The CPU's model name from /proc/cpuinfo, or what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def native_bfloat16_cpu():
-    """Whether oneDNN computes bfloat16 in hardware here: AVX512_BF16 or AMX, and not capped
-    below them by ONEDNN_MAX_CPU_ISA. Elsewhere it emulates bfloat16, 2-25x slower than
-    float32 (bench/precision.py), although torch still calls bfloat16 "supported"."""
+    """Whether oneDNN can compute bfloat16 in hardware here: AVX512_BF16 or AMX, and not
+    capped below them by ONEDNN_MAX_CPU_ISA. Elsewhere it emulates bfloat16, 2-25x slower
+    than float32 (bench/precision.py), although torch still calls bfloat16 "supported".
+    Having the instructions does not make bfloat16 faster (issue #16: an Intel Xeon with
+    AVX512_BF16 trains slower in it), so this only makes it a candidate for choose_format."""
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
     return not capped and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def compute_dtype(device, precision="auto"):
-    """The number format of the convolutions after conv1: bfloat16 where the hardware makes
-    it fast (a CPU with native bfloat16, a GPU that supports it), float32 elsewhere.
-    The choice depends only on the machine, so a run is deterministic where it is made."""
-    if precision != "auto":
-        return PRECISIONS[precision]
-    if device.type == "cpu":
-        return torch.bfloat16 if native_bfloat16_cpu() else torch.float32
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.float32
 
 
 def precision_name(dtype):
@@ -182,41 +202,50 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def machine_description(device):
+def machine_description(device, dtype):
     """What ran a command, stored beside each result so numbers keep their context."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    described = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    described = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                  "cpu_bfloat16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
                  "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-                 "precision_auto": precision_name(compute_dtype(device))}
+                 "precision": precision_name(dtype)}
     if device.type == "cuda":
         described["gpu"] = torch.cuda.get_device_name(device)
+        described["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     return described
 
 
 def write_atomically(path, write):
-    """Call write(tmp_path), then rename over path: a crash never leaves half a file."""
+    """Call write(tmp_path), then rename over path: a crash never leaves half a file, and a
+    full disk or a failing writer is a UserError naming the folder, with the old file kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+        os.close(fd)
+    except OSError as error:
+        raise UserError(f"cannot write into {path.parent} ({error.strerror or first_line(error)})") from None
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as a RuntimeError
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)  # before measuring what is free
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"could not write {path.name} into {path.parent} ({megabytes(free)} free, "
+                        f"{megabytes(written)} written before it failed: {first_line(error)}); "
+                        "free some space or choose another folder; the previous file is kept") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def megabytes(count):
+    return f"{count / 1e6:.1f} MB"
 
 
 def copy_atomically(source, path):
@@ -233,10 +262,10 @@ def invocation(args):
     return "python CNNclassify.py " + shlex.join(args.argv)
 
 
-def save_record(args, name, lines, data, device):
+def save_record(args, name, lines, data, device, dtype):
     """Keep what a command printed, its numbers, the command and the machine, for `report`."""
     write_json(Path(args.records_dir) / f"{name}.json",
-               {"command": invocation(args), "machine": machine_description(device),
+               {"command": invocation(args), "machine": machine_description(device, dtype),
                 "output": lines, **data})
 
 
@@ -294,6 +323,9 @@ def ensure_cifar(data_dir, url=None, md5=None):
 
     Per-file checksums are not checked: a local copy may be rebuilt in another order.
     """
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise UserError(f"--data-dir {data_dir}: is a file, not a folder; give the folder that holds "
+                        f"{CIFAR_FOLDER}/ (or a new one to download it into)")
     if cifar_present(data_dir):
         return
     url, md5 = url or CIFAR_URL, md5 or CIFAR_MD5
@@ -328,38 +360,56 @@ def flip_half(images, flip_mask):
     return torch.where(flip_mask.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
-def translate(images, shift, generator):
-    """Shift each image by up to `shift` pixels each way (reflect padding), batched.
-
-    One slice per possible offset instead of one per image: at most (2*shift+1)^2 slices.
-    """
+def translate(images, offsets, shift):
+    """Shift image i by (offsets[0, i] - shift, offsets[1, i] - shift) pixels, reflect
+    padding: one gather for the whole batch, on whatever device holds it."""
     if shift == 0:
         return images
-    n, _, h, w = images.shape
+    n, channels, h, w = images.shape
     padded = F.pad(images, (shift,) * 4, mode="reflect")
-    offsets = torch.randint(0, 2 * shift + 1, (2, n), generator=generator)
-    out = torch.empty_like(images)
-    codes = offsets[0] * (2 * shift + 1) + offsets[1]
-    for code in codes.unique().tolist():
-        dy, dx = divmod(code, 2 * shift + 1)
-        chosen = (codes == code).nonzero().squeeze(1)
-        out[chosen] = padded[chosen, :, dy:dy + h, dx:dx + w]
-    return out
+    rows = (torch.arange(h, device=images.device) + offsets[0].unsqueeze(1)).view(n, 1, h, 1)
+    cols = (torch.arange(w, device=images.device) + offsets[1].unsqueeze(1)).view(n, 1, 1, w)
+    return padded[torch.arange(n, device=images.device).view(n, 1, 1, 1),
+                  torch.arange(channels, device=images.device).view(1, channels, 1, 1), rows, cols]
 
 
-def training_batches(images, labels, batch_size, epoch, base_flips, hyp, generator):
-    """Yield augmented float batches for one epoch, shuffled with `generator`.
+class Loader:
+    """The training set as uint8 tensors on the device, with the epoch's shuffling, flips
+    and translations done there, a whole batch at a time, so an accelerator never waits
+    for the host. The random numbers come from one CPU generator, drawn once per epoch
+    (a single copy to the device), so a seed gives the same batches on every device.
 
     Flips alternate (airbench): an image flipped in one epoch is unflipped in the next,
-    so every pair of epochs sees both views; base_flips fixes the first epoch's choice.
+    so every pair of epochs sees both views; the first epoch's choice is random.
     """
-    order = torch.randperm(len(images), generator=generator)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        batch = to_float(images[index])
-        batch = flip_half(batch, base_flips[index] ^ bool(epoch % 2))
-        batch = translate(batch, hyp["translate"], generator)
-        yield batch, labels[index]
+
+    def __init__(self, images, labels, batch_size, shift, seed, device):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.shift, self.device = batch_size, shift, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.base_flips = (torch.rand(len(images), generator=self.generator) < 0.5).to(device)
+
+    def __len__(self):
+        """Steps per epoch (the last batch may be smaller)."""
+        return -(-len(self.images) // self.batch_size)
+
+    def draw(self):
+        """One epoch's order and per-image offsets, drawn batch by batch as earlier versions
+        of this trainer drew them, so a seed still gives the shipped model's batches."""
+        order = torch.randperm(len(self.images), generator=self.generator)
+        offsets = [torch.randint(0, 2 * self.shift + 1, (2, len(index)), generator=self.generator)
+                   for index in order.split(self.batch_size)] if self.shift else [torch.zeros(2, 0, dtype=torch.int64)]
+        return order.to(self.device), torch.cat(offsets, 1).to(self.device)
+
+    def epoch(self, number):
+        """Yield (images, labels) batches of epoch `number` (from 0): floats in [0, 1],
+        channels_last, augmented."""
+        order, offsets = self.draw()
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            batch = flip_half(to_float(self.images[index]), self.base_flips[index] ^ bool(number % 2))
+            batch = translate(batch, offsets[:, start:start + self.batch_size], self.shift)
+            yield batch.contiguous(memory_format=torch.channels_last), self.labels[index]
 
 
 # ----------------------------------------------------------------------------- models
@@ -396,7 +446,8 @@ class CNN(nn.Module):
     exactly the accuracy that training reports.
     """
 
-    def __init__(self, widths, bn_momentum, logit_scale, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+    def __init__(self, widths, bn_momentum, logit_scale, compute_dtype=torch.float32,
+                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -406,7 +457,7 @@ class CNN(nn.Module):
         self.blocks = nn.Sequential(*[conv_block(cin, cout, bn_momentum) for cin, cout in zip(channels, widths)])
         self.head = nn.Linear(widths[-1], len(CLASSES), bias=False)
         self.logit_scale = logit_scale
-        self.compute_dtype = torch.float32  # of the layers after conv1; set by whoever runs it
+        self.compute_dtype = compute_dtype  # of the layers after conv1 (autocast)
 
     def first_layer(self, x):
         """Normalised input through conv1, kept in float32: what CONV_rslt.png shows."""
@@ -468,11 +519,11 @@ def set_whitening(model, images, whitening, eps=5e-4):
 MODEL_SETTINGS = ("widths", "bn_momentum", "logit_scale")  # what CNN() takes besides the normalisation
 
 
-def build_cnn(settings=HYPERPARAMETERS, mean=None, std=None):
+def build_cnn(settings=HYPERPARAMETERS, dtype=torch.float32, mean=None, std=None):
     """A CNN in channels_last (the fast layout on CPUs), from hyperparameters or a checkpoint's
-    settings; mean and std default to the constructor's."""
+    settings, computing in `dtype` after conv1; mean and std default to the constructor's."""
     normalisation = {"mean": mean, "std": std} if mean is not None else {}
-    model = CNN(**{k: settings[k] for k in MODEL_SETTINGS}, **normalisation)
+    model = CNN(**{k: settings[k] for k in MODEL_SETTINGS}, compute_dtype=dtype, **normalisation)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -501,9 +552,9 @@ def load_torch_file(path, missing_message):
         raise UserError(f"{path}: not a readable PyTorch file ({first_line(error)})") from None
 
 
-def load_cnn(path=None, device="cpu", precision="auto"):
-    """The trained CNN from model/ (or `path`) in eval mode, on `device`, computing in the
-    format that is fast there (compute_dtype), whatever it was trained in.
+def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
+    """The trained CNN from model/ (or `path`) in eval mode, on `device`, computing in
+    `dtype` after conv1, whatever it was trained in.
 
     It takes RGB floats in [0, 1], N x 3 x 32 x 32: normalisation is inside.
     """
@@ -512,12 +563,10 @@ def load_cnn(path=None, device="cpu", precision="auto"):
     if not (isinstance(checkpoint, dict) and {"state_dict", "settings", "mean", "std"} <= checkpoint.keys()):
         raise UserError(f"{path}: not a model saved by `CNNclassify.py train`")
     try:
-        model = build_cnn(checkpoint["settings"], checkpoint["mean"], checkpoint["std"])
+        model = build_cnn(checkpoint["settings"], dtype, checkpoint["mean"], checkpoint["std"])
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: its weights do not fit the CNN it describes ({first_line(error)})") from None
-    device = torch.device(device)
-    model.compute_dtype = compute_dtype(device, precision)
     return model.to(device).eval()
 
 
@@ -611,17 +660,19 @@ def lr_factor(step, total_steps, warmup_fraction):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, device):
-    """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images."""
-    model.to(device).eval()
-    total_loss, correct = 0.0, 0
-    for start in progress(range(0, len(images), EVAL_BATCH), -(-len(images) // EVAL_BATCH), "evaluating"):
-        x = to_float(images[start:start + EVAL_BATCH]).to(device, memory_format=torch.channels_last)
-        y = labels[start:start + EVAL_BATCH].to(device)
+def evaluate(model, images, labels, batch_size):
+    """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images,
+    which lie on the model's device; the host waits for the device once, at the end."""
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for start in progress(range(0, len(images), batch_size), -(-len(images) // batch_size), "evaluating"):
+        x = to_float(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+        y = labels[start:start + batch_size]
         logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return total_loss / len(images), correct
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return total_loss.item() / len(images), int(correct)
 
 
 def epoch_line(seed, row, epochs):
@@ -644,97 +695,138 @@ def take_subset(data, subset):
     return {part: (x[:subset], y[:subset]) if subset else (x, y) for part, (x, y) in data.items()}
 
 
+class Optimiser:
+    """What a training step needs besides the model and the batch: the optimizers
+    (make_optimizers), their warm-up and decay (lr_factor), label smoothing and, for
+    float16 only, a loss scaler that keeps small gradients from flushing to zero."""
+
+    def __init__(self, model, hyp, total_steps, device, dtype):
+        self.optimizers = make_optimizers(model, hyp, torch.float32 if dtype == torch.float16 else dtype)
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, total_steps, hyp["warmup_fraction"])) for optimizer in self.optimizers]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.label_smoothing = hyp["label_smoothing"]
+
+    def step(self, model, x, y):
+        """One optimisation step on a batch; returns its logits and loss, left on the device."""
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        model.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for optimizer, schedule in zip(self.optimizers, self.schedules):
+            self.scaler.step(optimizer)
+            schedule.step()
+        self.scaler.update()
+        return logits, loss
+
+
 def start_training(train_x, hyp, device, dtype):
-    """A fresh model (normalisation and whitening from train_x), its optimizers and their
-    lr schedules over hyp["epochs"] epochs."""
+    """A fresh model (normalisation and whitening from train_x) on `device`, computing in
+    `dtype` after conv1, and its Optimiser for hyp["epochs"] epochs of hyp["batch_size"]."""
     pixels = to_float(train_x).transpose(0, 1).reshape(3, -1)
-    model = build_cnn(hyp, mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
-    model.compute_dtype = dtype
+    model = build_cnn(hyp, dtype, mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
     set_whitening(model, train_x[:hyp["whitening_images"]], hyp["whitening"])
     model.to(device)
-    optimizers = make_optimizers(model, hyp, dtype)
     total_steps = hyp["epochs"] * -(-len(train_x) // hyp["batch_size"])
-    schedules = [torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, hyp["warmup_fraction"])) for optimizer in optimizers]
-    return model, optimizers, schedules
+    return model, Optimiser(model, hyp, total_steps, device, dtype)
 
 
-def train_step(model, optimizers, schedules, x, y, hyp):
-    """One optimisation step on a batch; returns its logits and loss."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y, label_smoothing=hyp["label_smoothing"])
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    for optimizer, schedule in zip(optimizers, schedules):
-        optimizer.step()
-        schedule.step()
-    return logits, loss
+class TrainingFailed(UserError):
+    """A run that went wrong (diverged, stuck at chance): nothing of it may become the result."""
 
 
-def train_one_seed(data, seed, hyp, device, dtype=torch.float32):
-    """Train one model from scratch for hyp["epochs"] epochs, computing in `dtype` after
-    conv1; returns it with its per-epoch history and the training seconds.
+CHANCE_CHECK_STEPS = 100  # by then the recipe is far above chance on CIFAR-10 (>= 75% after 196 steps)
 
-    The model returned, evaluated after each epoch and saved, is the moving average of
-    the trained weights (update_average); train loss and accuracy are those of the
-    trained weights on the augmented batches they learn from.
+
+def check_progress(seed, row, steps, batch_size, lr):
+    """Stop a failed run after the epoch that shows it, before its model can be saved: a
+    loss that is not finite or has exploded (always guessing costs ln 10 = 2.3), or test
+    accuracy still near chance (10%) after CHANCE_CHECK_STEPS steps."""
+    chance = 100 / len(CLASSES)
+    losses = (row["train_loss"], row["test_loss"])
+    if all(map(np.isfinite, losses)) and row["test_loss"] < 10 * np.log(len(CLASSES)):
+        if steps < CHANCE_CHECK_STEPS or row["test_accuracy"] >= 1.5 * chance:
+            return
+        what = f"test accuracy is still at chance ({row['test_accuracy']:.2f}%) after {steps} steps"
+    else:
+        what = f"the loss diverged (train {losses[0]:.4g}, test {losses[1]:.4g})"
+    raise TrainingFailed(f"seed {seed} epoch {row['epoch']}: {what}; likely cause: the learning rate, which "
+                         f"grows with --batch-size (batch {batch_size}: peak lr {lr:.3g}); try a smaller "
+                         "--batch-size. This seed's model was not saved")
+
+
+def train_one_seed(data, seed, hyp, device, dtype, eval_batch, on_epoch=None):
+    """Train one model from scratch for hyp["epochs"] epochs on `device`, computing in
+    `dtype` after conv1; returns it (on the CPU) with its per-epoch history and the
+    training seconds, evaluation included. on_epoch(row) is called after each epoch.
+
+    Everything stays on the device: the Loader's batches, the loss and correct counts
+    (read once per epoch) and the test set. The model returned, evaluated after each
+    epoch and saved, is the moving average of the trained weights (update_average);
+    train loss and accuracy are those of the trained weights on their augmented batches.
+    A failed run (check_progress) raises TrainingFailed.
     """
     set_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
-    model, optimizers, schedules = start_training(train_x, hyp, device, dtype)
-    base_flips = torch.rand(len(train_x), generator=generator) < 0.5
+    model, optimiser = start_training(train_x, hyp, device, dtype)
+    loader = Loader(train_x, train_y, hyp["batch_size"], hyp["translate"], seed, device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
     average = copy.deepcopy(model).requires_grad_(False)
-    steps_per_epoch = -(-len(train_x) // hyp["batch_size"])
 
     history, train_seconds, step = [], 0.0, 0
     for epoch in range(hyp["epochs"]):
         start = time.perf_counter()
         model.train()
-        loss_sum, correct = 0.0, 0
-        batches = training_batches(train_x, train_y, hyp["batch_size"], epoch, base_flips, hyp, generator)
-        for x, y in progress(batches, steps_per_epoch, f"seed {seed} epoch {epoch + 1}/{hyp['epochs']}"):
-            x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
-            logits, loss = train_step(model, optimizers, schedules, x, y, hyp)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for x, y in progress(loader.epoch(epoch), len(loader), f"seed {seed} epoch {epoch + 1}/{hyp['epochs']}"):
+            logits, loss = optimiser.step(model, x, y)
             step += 1
             update_average(average, model, step, hyp["average_decay"])
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        synchronize(device)
         epoch_train_seconds = time.perf_counter() - start
-        test_loss, test_correct = evaluate(average, test_x, test_y, device)
+        test_loss, test_correct = evaluate(average, test_x, test_y, eval_batch)
         train_seconds += time.perf_counter() - start
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / len(train_x),
-               "train_accuracy": 100.0 * correct / len(train_x), "test_loss": test_loss,
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / len(train_x),
+               "train_accuracy": 100.0 * int(correct) / len(train_x), "test_loss": test_loss,
                "test_accuracy": 100.0 * test_correct / len(test_x), "seconds": train_seconds,
                "images_per_second": len(train_x) / epoch_train_seconds}
         history.append(row)
-        print(epoch_line(seed, row, hyp["epochs"]), flush=True)
+        check_progress(seed, row, step, hyp["batch_size"], hyp["lr_per_1024"] * hyp["batch_size"] / 1024)
+        if on_epoch:
+            on_epoch(row)
     return average.cpu(), history, train_seconds
 
 
-def seconds_per_epoch(data, hyp, device, dtype, steps=4, clock=time.perf_counter):
+def timed_steps(model, optimiser, batches, device, clock=time.perf_counter):
+    """Seconds of each training step on `batches`, the device waited for after each."""
+    model.train()
+    times = []
+    for x, y in batches:
+        start = clock()
+        optimiser.step(model, x, y)
+        synchronize(device)
+        times.append(clock() - start)
+    return times
+
+
+def seconds_per_epoch(data, hyp, device, dtype, eval_batch, steps=4, clock=time.perf_counter):
     """Measured seconds of one epoch here, evaluation included: `steps` timed training
     steps (after two untimed ones) and the evaluation of up to 1,024 test images, scaled
     to the whole epoch. The model is thrown away, and training reseeds every generator,
     so measuring first changes no result."""
     (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
-    model, optimizers, schedules = start_training(train_x, hyp, device, dtype)
-    model.train()
-    generator = torch.Generator().manual_seed(0)
-    flips = torch.zeros(len(train_x), dtype=torch.bool)
-    batches = training_batches(train_x, train_y, hyp["batch_size"], 0, flips, hyp, generator)
-    times = []
-    for x, y in itertools.islice(batches, steps + 2):
-        start = clock()
-        train_step(model, optimizers, schedules, x.to(device, memory_format=torch.channels_last), y.to(device), hyp)
-        times.append(clock() - start)
+    model, optimiser = start_training(train_x, hyp, device, dtype)
+    loader = Loader(train_x, train_y, hyp["batch_size"], hyp["translate"], 0, device)
+    times = timed_steps(model, optimiser, itertools.islice(loader.epoch(0), steps + 2), device, clock)
     timed = times[2:] or times[-1:]
-    step_seconds = sum(timed) / len(timed)
     shown = min(len(test_x), 1024)
     start = clock()
-    evaluate(model, test_x[:shown], test_y[:shown], device)
+    evaluate(model, test_x[:shown].to(device), test_y[:shown].to(device), eval_batch)
     eval_seconds = (clock() - start) * len(test_x) / max(1, shown)
-    return step_seconds * -(-len(train_x) // hyp["batch_size"]) + eval_seconds
+    return sum(timed) / len(timed) * len(loader) + eval_seconds
 
 
 def epochs_within(budget, epoch_seconds, margin=0.95):
@@ -745,6 +837,84 @@ def epochs_within(budget, epoch_seconds, margin=0.95):
         raise UserError(f"--budget {budget:g} s is less than one epoch here (about {epoch_seconds:.0f} s "
                         f"measured, evaluation included); give at least {epoch_seconds / margin:.0f} s")
     return epochs
+
+
+# ----------------------------------------------------------------------------- number format
+
+def candidate_formats(device):
+    """The formats worth timing here: float32 always; bfloat16 where the hardware computes
+    it natively (native_bfloat16_cpu; CUDA compute capability 8.0 or more); float16 with a
+    loss scaler on older CUDA GPUs (T4, V100, P100), whose bfloat16 is emulated although
+    torch.cuda.is_bf16_supported() says True there."""
+    if device.type == "cpu":
+        return ["float32", "bfloat16"] if native_bfloat16_cpu() else ["float32"]
+    if device.type == "cuda":
+        return ["float32", "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"]
+    return ["float32"]
+
+
+def machine_key(device):
+    """What decides which format is fastest: the processor and its flags, the oneDNN cap,
+    the threads, torch, and the GPU. The cache of choose_format is keyed by it."""
+    key = {"cpu": cpu_name(), "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16],
+           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        key["gpu"] = torch.cuda.get_device_name(device)
+        key["gpu_capability"] = list(torch.cuda.get_device_capability(device))
+    return json.dumps(key, sort_keys=True)
+
+
+def format_cache_file():
+    """Where measured choices are kept: the user's cache folder, one file for all machines."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnclassify" / "number_formats.json"
+
+
+def read_format_cache():
+    """{machine_key: choice} from format_cache_file(); empty if missing or unreadable."""
+    try:
+        cache = json.loads(format_cache_file().read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def seconds_per_step(device, dtype, hyp, batch_size, warmup=1, steps=3):
+    """Mean seconds of a training step in `dtype` here, on random images (after `warmup`
+    untimed steps): what choose_format compares."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, len(CLASSES), (batch_size,), generator=generator)
+    model, optimiser = start_training(images, dict(hyp, epochs=1, batch_size=batch_size), device, dtype)
+    loader = Loader(images, labels, batch_size, hyp["translate"], 0, device)
+    batch = next(loader.epoch(0))
+    return float(np.mean(timed_steps(model, optimiser, [batch] * (warmup + steps), device)[warmup:]))
+
+
+def choose_format(device, precision, measure=None):
+    """The number format after conv1, decided once per command: the one --precision names;
+    with auto, the only candidate, or the fastest of the candidate_formats as measured by
+    measure(dtype) -> seconds per step, cached per machine (machine_key) so a machine
+    keeps its format at every run. Without `measure` (test, speed) a cached choice is used
+    where there is one, else float32. Returns the dtype and how it was chosen."""
+    if precision != "auto":
+        return PRECISIONS[precision], f"--precision {precision}"
+    candidates = candidate_formats(device)
+    if len(candidates) == 1:
+        return PRECISIONS[candidates[0]], f"auto: {candidates[0]}, the only format computed natively here"
+    key, cache = machine_key(device), read_format_cache()
+    if isinstance(cache.get(key), dict) and cache[key].get("precision") in candidates:
+        return PRECISIONS[cache[key]["precision"]], f"auto: {cache[key]['precision']}, measured earlier here ({format_cache_file()})"
+    if measure is None:
+        return torch.float32, "auto: float32 (no format measured on this machine yet; `train` measures it)"
+    seconds = {name: measure(PRECISIONS[name]) for name in candidates}
+    best = min(seconds, key=seconds.get)
+    how = f"auto: {best}, measured fastest here (" + ", ".join(f"{n} {1000 * t:.0f} ms" for n, t in seconds.items()) + " per step)"
+    try:
+        write_json(format_cache_file(), {**cache, key: {"precision": best, "seconds_per_step": seconds}})
+    except UserError as error:
+        log(f"note: the choice is not cached ({error})")
+    return PRECISIONS[best], how
 
 
 def plot_accuracy(runs, path):
@@ -789,36 +959,90 @@ def save_results(model_dir, runs, extra):
     return results
 
 
+def model_file_bytes(hyp):
+    """About the size of one saved model: its tensors plus the checkpoint's history."""
+    return sum(t.numel() * t.element_size() for t in build_cnn(hyp).state_dict().values()) + 200_000
+
+
+def ensure_space(folder, needed):
+    """Refuse before training when `folder` has less than `needed` bytes free, so no
+    training is thrown away at the first save."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"not enough space in {folder}: {megabytes(needed)} needed for the models, "
+                        f"results and plot, {megabytes(free)} free; free some space or pass --model-dir")
+
+
+@contextlib.contextmanager
+def exclusive(folder):
+    """Hold a lock on `folder` itself (no lock file is left behind) while a run writes into
+    it: a second `train` into the same folder is refused instead of mixing their files.
+    Where there is no fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `train` is writing into {folder}; wait for it to end or pass "
+                            "another --model-dir") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def command_train(args):
     """`train`: one model per seed, saved in model/, with results.json and the plot.
 
     Everything that can fail is checked before the first step: the options, the device,
-    the output folder and the data. A quick check on a subset saves into model/subset/
-    unless --model-dir says otherwise, so it never replaces the shipped model."""
+    the output folder and its free space, the data and the batch size. A quick check on
+    a subset saves into model/subset/ unless --model-dir says otherwise, so it never
+    replaces the shipped model. A seed that fails (check_progress) stops the run and
+    saves nothing of itself."""
     seeds = args.seeds or [args.seed]
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: a seed is given twice")
     model_dir = Path(args.model_dir or (MODEL_DIR / "subset" if args.subset else MODEL_DIR))
     device = pick_device(args.device)
-    dtype = compute_dtype(device, args.precision)
+    defaults = DEVICE_DEFAULTS[device_class(device)]
     ensure_writable(model_dir)
     data = take_subset(load_cifar(args.data_dir), args.subset)
-    hyp = dict(HYPERPARAMETERS, batch_size=args.batch_size, epochs=args.epochs)
+    train_count = len(data["train"][0])
+    if args.batch_size and args.batch_size > train_count:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {train_count} training images; "
+                        f"give at most {train_count}")
+    hyp = dict(HYPERPARAMETERS, batch_size=args.batch_size or defaults["batch_size"],
+               epochs=args.epochs or defaults["epochs"])
+    ensure_space(model_dir, (len(seeds) + 1) * model_file_bytes(hyp) + 1_000_000)
+    dtype, how = choose_format(device, args.precision,
+                               lambda d: seconds_per_step(device, d, hyp, min(hyp["batch_size"], 256)))
     if args.budget:
-        epoch_seconds = seconds_per_epoch(data, hyp, device, dtype)
+        epoch_seconds = seconds_per_epoch(data, hyp, device, dtype, defaults["eval_batch"])
         hyp["epochs"] = epochs_within(args.budget, epoch_seconds)
         log(f"--budget {args.budget:g} s: {hyp['epochs']} epochs of about {epoch_seconds:.1f} s each "
             f"(measured here, {precision_name(dtype)})")
-    extra = {"command": invocation(args), "machine": machine_description(device), "subset": args.subset,
-             "precision": precision_name(dtype), "budget": args.budget, "epochs": hyp["epochs"]}
+    log(f"training on {device}: batch {hyp['batch_size']}, {hyp['epochs']} epochs, number format {how}")
+    extra = {"command": invocation(args), "machine": machine_description(device, dtype), "subset": args.subset,
+             "precision": precision_name(dtype), "precision_choice": how, "budget": args.budget,
+             "epochs": hyp["epochs"], "batch_size": hyp["batch_size"], "eval_batch": defaults["eval_batch"]}
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    model_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    for seed in seeds:
-        model, history, seconds = train_one_seed(data, seed, hyp, device, dtype)
-        save_checkpoint(model_dir / f"cnn_seed{seed}.pt", model,
-                        {"seed": seed, "history": history, "train_seconds": seconds,
-                         "precision": precision_name(dtype), "hyperparameters": hyp})
-        runs.append(run_summary(seed, history, seconds))
-        results = save_results(model_dir, runs, extra)
+    with exclusive(model_dir):
+        for seed in seeds:
+            print_row = lambda row: print(epoch_line(seed, row, hyp["epochs"]), flush=True)
+            model, history, seconds = train_one_seed(data, seed, hyp, device, dtype, defaults["eval_batch"], print_row)
+            save_checkpoint(model_dir / f"cnn_seed{seed}.pt", model,
+                            {"seed": seed, "history": history, "train_seconds": seconds,
+                             "precision": precision_name(dtype), "hyperparameters": hyp})
+            runs.append(run_summary(seed, history, seconds))
+            results = save_results(model_dir, runs, extra)
     print("\n".join(seed_table(results)))
 
 
@@ -1028,7 +1252,8 @@ def classify_image(image_path, model):
 def command_test(args):
     """`test IMAGE`: print the predicted class and save CONV_rslt.png."""
     figure_format(args.out)
-    model = load_cnn(args.model, pick_device(args.device), args.precision)
+    device = pick_device(args.device)
+    model = load_cnn(args.model, device, choose_format(device, args.precision)[0])
     lines, figure = classify_image(args.image, model)
     print("\n".join(lines), flush=True)
     draw_conv_maps(*figure, args.out)
@@ -1164,14 +1389,14 @@ def load_resnet20(source=RESNET20_URL):
 def command_resnet20(args):
     """`resnet20`: accuracy of a pretrained ResNet-20 on the 10,000 test images."""
     device = pick_device(args.device)
-    model = load_resnet20(args.weights)
+    model = load_resnet20(args.weights).to(device)
     images, labels = load_cifar(args.data_dir)["test"]
-    _, correct = evaluate(model, images, labels, device)
+    _, correct = evaluate(model, images.to(device), labels.to(device), DEVICE_DEFAULTS[device_class(device)]["eval_batch"])
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
     save_record(args, f"resnet20_option{model.option}", [line],
                 {"weights": args.weights, "correct": correct, "total": len(labels),
-                 "accuracy": 100 * correct / len(labels)}, device)
+                 "accuracy": 100 * correct / len(labels)}, device, torch.float32)
 
 
 
@@ -1217,21 +1442,20 @@ def command_profile(args):
     print("\n".join(lines))
     save_record(args, "profile", lines,
                 {"weights": args.weights, "models": [{"name": n, "macs": m, "params": p} for n, m, p in rows]},
-                torch.device("cpu"))
+                torch.device("cpu"), torch.float32)
 
 
 @torch.inference_mode()
 def time_inference(model, x, warmup, iterations):
     """Seconds per call of model(x), one timing per iteration after warm-up."""
-    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)
     times = []
     for _ in range(iterations):
-        synchronize()
+        synchronize(x.device)
         start = time.perf_counter()
         model(x)
-        synchronize()
+        synchronize(x.device)
         times.append(time.perf_counter() - start)
     return np.array(times)
 
@@ -1243,7 +1467,7 @@ def inference_speed_test(args):
     Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "precision", "threads", "input"}.
     """
     device = pick_device(args.device)
-    cnn = load_cnn(args.model, device, args.precision)
+    cnn = load_cnn(args.model, device, choose_format(device, args.precision)[0])
     models = [("CNN (ours)", cnn), ("CNN, one view", OneView(cnn).eval()),
               ("ResNet-20", load_resnet20(args.weights).to(device))]
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
@@ -1273,7 +1497,7 @@ def command_speed(args):
     result = inference_speed_test(args)
     lines = speed_lines(result)
     print("\n".join(lines))
-    save_record(args, "speed", lines, result, pick_device(args.device))
+    save_record(args, "speed", lines, result, torch.device(result["device"]), PRECISIONS[result["precision"]])
 
 
 
@@ -1554,10 +1778,13 @@ def non_negative_int(text):
     return value
 
 
-def positive_float(text):
+def budget_seconds(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    if not value <= MAX_BUDGET:
+        raise argparse.ArgumentTypeError(f"{text} s is more than a week ({MAX_BUDGET} s); give the seconds "
+                                         "one seed may take")
     return value
 
 
@@ -1571,8 +1798,9 @@ def option_sets():
 
     device = option_set((["--device"], {"help": "cpu, cuda, cuda:N or mps (default: the fastest present)"}),
                         (["--precision"], {"choices": ["auto", *PRECISIONS], "default": "auto",
-                                           "help": "number format after conv1; auto: bfloat16 where the "
-                                                   "hardware computes it natively, else float32"}))
+                                           "help": "number format after conv1; auto: `train` times a few steps "
+                                                   "in each format the hardware computes natively and keeps the "
+                                                   "fastest (cached per machine); test and speed use that choice"}))
     return {"device": device,
             "model": option_set((["--model"], {"default": str(MODEL_DIR / MAIN_MODEL), "help": "our CNN's model file"})),
             "weights": option_set((["--weights"], {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path or "
@@ -1598,12 +1826,13 @@ def build_parser():
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of a single run")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", help="train once per seed, report mean and std")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int, default=HYPERPARAMETERS["epochs"], help="epochs per seed")
-    length.add_argument("--budget", type=positive_float, metavar="SECONDS",
+    length.add_argument("--epochs", type=positive_int, help="epochs per seed (default: "
+                        + ", ".join(f"{v['epochs']} on a {k.upper()}" for k, v in DEVICE_DEFAULTS.items()) + ")")
+    length.add_argument("--budget", type=budget_seconds, metavar="SECONDS",
                         help="instead of --epochs: as many epochs as fit in SECONDS per seed here, "
                              "evaluation included (measured on a few steps first)")
-    p.add_argument("--batch-size", type=positive_int, default=HYPERPARAMETERS["batch_size"],
-                   help="lr and weight decay scale with it")
+    p.add_argument("--batch-size", type=positive_int, help="lr and weight decay scale with it (default: "
+                   + ", ".join(f"{v['batch_size']} on a {k.upper()}" for k, v in DEVICE_DEFAULTS.items()) + ")")
     p.add_argument("--subset", type=non_negative_int, default=0,
                    help="use only the first N train and test images (0: all); such quick checks "
                         "save into model/subset/ unless --model-dir is given")
@@ -1629,18 +1858,32 @@ def build_parser():
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, timeout, job schedulers), raised where the program is, like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         args.run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; files already saved are intact", file=sys.stderr)
+        print("interrupted (Ctrl-C); files already saved are intact", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM); files already saved are intact", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -34,3 +34,17 @@ def shipped_model():
         pytest.skip("no trained model committed in model/")
     import CNNclassify
     return CNNclassify.load_cnn()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_format_cache(tmp_path_factory):
+    """Tests (and the commands they start) keep measured number formats in a folder of their
+    own, never in the user's cache."""
+    import os
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -6,17 +6,19 @@
     python CNNclassify.py resnet20                accuracy of a pretrained ResNet-20
     python CNNclassify.py profile                 MACs and parameters (THOP)
     python CNNclassify.py speed                   single-image inference time
-    python CNNclassify.py report                  report/report.md and report.pdf
+    python CNNclassify.py report --author NAME    report/report.md and report.pdf
+    python CNNclassify.py submit LAST FIRST       LAST_FIRST_HW2.zip to hand in, checked
 
-The file reads top to bottom: settings, helpers, data, models, training, prediction and
-visualisation, ResNet-20, costs, report, command line.
+The file reads top to bottom: settings, helpers, data, models, training, number format,
+prediction and visualisation, ResNet-20, costs, hand-in, command line. The report and the
+zip are built by report/build.py beside it.
 """
 
 import argparse
 import contextlib
 import copy
-import functools
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -891,6 +893,17 @@ def seconds_per_step(device, dtype, hyp, batch_size, warmup=1, steps=3):
     return float(np.mean(timed_steps(model, optimiser, [batch] * (warmup + steps), device)[warmup:]))
 
 
+def recipe(device, batch_size=None, epochs=None):
+    """HYPERPARAMETERS with the batch size and epochs given, or those of the device's class."""
+    defaults = DEVICE_DEFAULTS[device_class(device)]
+    return dict(HYPERPARAMETERS, batch_size=batch_size or defaults["batch_size"], epochs=epochs or defaults["epochs"])
+
+
+def training_format(device, precision, hyp):
+    """choose_format for a training run of `hyp`, timing steps of its batch size (at most 256)."""
+    return choose_format(device, precision, lambda dtype: seconds_per_step(device, dtype, hyp, min(hyp["batch_size"], 256)))
+
+
 def choose_format(device, precision, measure=None):
     """The number format after conv1, decided once per command: the one --precision names;
     with auto, the only candidate, or the fastest of the candidate_formats as measured by
@@ -1017,11 +1030,9 @@ def command_train(args):
     if args.batch_size and args.batch_size > train_count:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {train_count} training images; "
                         f"give at most {train_count}")
-    hyp = dict(HYPERPARAMETERS, batch_size=args.batch_size or defaults["batch_size"],
-               epochs=args.epochs or defaults["epochs"])
+    hyp = recipe(device, args.batch_size, args.epochs)
     ensure_space(model_dir, (len(seeds) + 1) * model_file_bytes(hyp) + 1_000_000)
-    dtype, how = choose_format(device, args.precision,
-                               lambda d: seconds_per_step(device, d, hyp, min(hyp["batch_size"], 256)))
+    dtype, how = training_format(device, args.precision, hyp)
     if args.budget:
         epoch_seconds = seconds_per_epoch(data, hyp, device, dtype, defaults["eval_batch"])
         hyp["epochs"] = epochs_within(args.budget, epoch_seconds)
@@ -1501,249 +1512,30 @@ def command_speed(args):
 
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- hand-in (report/build.py)
 
-MACHINE_RESULTS = ROOT / "bench" / "machines"  # results.json of `train` on other kinds of machine
-
-
-def read_record(path):
-    """A JSON record as a dict; None if the file is missing; a UserError if it is unreadable."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable record ({first_line(error)}); rerun the command that made it") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{path}: not a record (a JSON object); rerun the command that made it")
-    return record
-
-
-def made_by(rec):
-    machine = rec["machine"]
-    where = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
-    return f"made by `{rec['command']}` on {where} ({machine['device']}), torch {machine['torch']}"
-
-
-def machine_class(machine):
-    """How a record's machine computes: what decides the speed of `train` there."""
-    if machine.get("gpu"):
-        return f"GPU ({machine['gpu']})"
-    isa = machine.get("onednn_max_cpu_isa")
-    where = machine["cpu"] + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
-    native = machine.get("precision_auto") == "bfloat16"
-    return f"CPU {'with' if native else 'without'} native bfloat16 ({where})"
-
-
-def seconds_to_reach(history, accuracy):
-    """Training seconds at the end of the first epoch whose test accuracy reaches `accuracy`."""
-    return next((h["seconds"] for h in history if h["test_accuracy"] >= accuracy), None)
-
-
-def summary_rows(results):
-    """The headline rows of a training run's results."""
-    runs, machine = results["runs"], results["machine"]
-    seconds = [r["train_seconds"] for r in runs]
-    reached = [seconds_to_reach(r["history"], 75.0) for r in runs]
-    return [("machine (training)", f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} "
-             f"torch threads, {machine['device']}, {results['precision']}, torch {machine['torch']}"),
-            ("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} (mean +/- numpy.std, "
-             f"seeds {', '.join(str(r['seed']) for r in runs)}; {results['epochs']} epochs)"),
-            ("CNN training time per seed", f"{np.mean(seconds):.0f} s mean, {max(seconds):.0f} s max "
-             f"({np.mean([r['images_per_second'] for r in runs]):.0f} images/s)"),
-            ("CNN first epoch end at >= 75% test accuracy", "not reached by every seed" if None in reached
-             else f"{max(reached):.0f} s at most ({', '.join(f'{t:.0f}' for t in reached)} s)")]
-
-
-def machine_rows(results_files):
-    """One row per kind of machine that ran `train`: seconds per seed and accuracy."""
-    rows = [("machine", "command", "epochs", "s per seed (max)", "test accuracy")]
-    for path in results_files:
-        results = read_record(path)
-        if results:
-            rows.append((machine_class(results["machine"]), f"`{results['command']}`", str(results["epochs"]),
-                         f"{max(r['train_seconds'] for r in results['runs']):.0f}",
-                         f"{results['mean']:.2f}%" + (f" +/- {results['std']:.2f}" if len(results["runs"]) > 1 else "")))
-    return rows
-
-
-def markdown_table(rows):
-    """Rows of cells -> a markdown table whose first row is the header."""
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
-
-
-def collect_report(model_dir, records_dir):
-    """Everything the report shows, read from the records; writes nothing.
-
-    Returns summary rows, the sections in the assignment's order (a) to (h) as dicts
-    (title, source, lines, image, in_readme), the figures to draw {name: function(path)}
-    and the records that are missing, each with the command that makes it.
-    """
-    model_dir, records_dir = Path(model_dir), Path(records_dir)
-    code = Path(__file__).read_text().splitlines()
-    summary, missing, figures = [], [], {}
-    sections = {"a": [{"title": "(a) Code: CNNclassify.py", "source": f"the script itself, {len(code)} lines",
-                       "lines": code, "image": None, "in_readme": False}]}
-
-    def add(key, title, source, lines=(), image=None, in_readme=True):
-        sections.setdefault(key, []).append({"title": title, "source": source, "lines": list(lines),
-                                             "image": image, "in_readme": in_readme})
-
-    def need(path, maker):
-        record = read_record(path)
-        if record is None:
-            missing.append(f"{Path(path).name} is missing: run `{maker}` to make it")
-        return record
-
-    results = need(model_dir / RESULTS_FILE, "python CNNclassify.py train --seeds 0 1 2")
-    if results:
-        summary += summary_rows(results)
-        epochs = len(results["runs"][0]["history"])
-        add("b", "(b) Output of training", made_by(results), [f"$ {results['command']}"]
-            + [epoch_line(r["seed"], h, epochs) for r in results["runs"] for h in r["history"]]
-            + seed_table(results), in_readme=False)
-        if (model_dir / "accuracy.png").exists():
-            figures["accuracy.png"] = functools.partial(copy_atomically, model_dir / "accuracy.png")
-            add("e", "(e) Train and test accuracy per epoch", made_by(results), image="accuracy.png")
-        add("g", "(g) Seeds and final test accuracy", made_by(results), seed_table(results))
-    if (model_dir / MAIN_MODEL).exists():
-        lines, figure = classify_image(IMAGE_DIR / "car.png", load_cnn(model_dir / MAIN_MODEL))
-        figures["CONV_rslt.png"] = functools.partial(draw_conv_maps, *figure)
-        summary.append(("test car.png", lines[0]))
-        add("b", "(b) Output of testing an image", "made by `report`, running `python CNNclassify.py test car.png` "
-            "on the model in model/", ["$ python CNNclassify.py test car.png", *lines])
-        add("c", "(c) First conv layer for car.png (CONV_rslt.png)", "made by the same run", image="CONV_rslt.png")
-    else:
-        missing.append(f"{model_dir / MAIN_MODEL} is missing: run `python CNNclassify.py train` to make it")
-    resnet_records = sorted(records_dir.glob("resnet20_*.json"))
-    if not resnet_records:
-        missing.append("resnet20_*.json is missing: run `python CNNclassify.py resnet20` to make it")
-    for path in resnet_records:
-        rec = read_record(path)
-        summary.append((f"ResNet-20 ({Path(rec['weights']).name})", f"{rec['accuracy']:.2f}%"))
-        add("d", f"(d) ResNet-20 test accuracy, {Path(rec['weights']).name}", made_by(rec), [f"$ {rec['command']}", *rec["output"]])
-    rec = need(records_dir / "profile.json", "python CNNclassify.py profile")
-    if rec:
-        summary += [(f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}") for m in rec["models"]]
-        add("f", "(f) MACs and parameters (THOP)", made_by(rec), [f"$ {rec['command']}", *rec["output"]])
-    rec = need(records_dir / "speed.json", "python CNNclassify.py speed")
-    if rec:
-        summary += [(f"inference: {m['name']}", f"{m['mean_ms']:.3f} ms mean per image") for m in rec["models"]]
-        add("h", "(h) Inference time, one image", made_by(rec), [f"$ {rec['command']}", *rec["output"]])
-    ordered = [section for key in sorted(sections) for section in sections[key]]
-    return summary, ordered, figures, missing
-
-
-def write_markdown(summary, sections, missing, path):
-    out = ["# CNNclassify report", "", "Built by `python CNNclassify.py report` from the records of the "
-           "commands below; no number is typed by hand.", "", *markdown_table([("item", "result"), *summary])]
-    for section in sections:
-        out += ["", f"## {section['title']}", "", section["source"] + ".", ""]
-        fence = "```python" if section["title"].startswith("(a)") else "```"
-        out += [fence, *section["lines"], "```"] if section["lines"] else []
-        out += [f"![{section['title']}]({section['image']})"] if section["image"] else []
-    if missing:
-        out += ["", "## Missing records", ""] + [f"- {m}" for m in missing]
-    write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(out) + "\n"))
-
-
-def text_pages(pdf, heading, lines, per_page=70, size=7.5):
-    """Monospace text on A4 pages, as many as the lines need."""
-    import matplotlib.pyplot as plt
-    for start in range(0, max(len(lines), 1), per_page):
-        fig = plt.figure(figsize=(8.27, 11.69))
-        fig.text(0.05, 0.97, heading, fontsize=13, weight="bold", va="top")
-        fig.text(0.05, 0.94, "\n".join(lines[start:start + per_page]), family="monospace",
-                 fontsize=size, va="top")
-        pdf.savefig(fig)
-        plt.close(fig)
-
-
-def code_digest():
-    """sha256 of CNNclassify.py: report.pdf carries it, so a stale report can be detected."""
-    return sha256_of(Path(__file__))
-
-
-def write_pdf(summary, sections, missing, out_dir, path):
-    """Title page with the summary, then the sections (a) to (h), all with matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_pdf import PdfPages
-
-    def write(tmp):
-        metadata = {"CreationDate": None, "Subject": f"CNNclassify.py sha256 {code_digest()}"}
-        with PdfPages(tmp, metadata=metadata) as pdf:  # same records, same bytes
-            width = max([len(k) for k, _ in summary] + [10])
-            text_pages(pdf, "CNNclassify report", [f"{k:<{width}s}  {v}" for k, v in summary]
-                       + [""] + [f"missing: {m}" for m in missing], size=8)
-            for section in sections:
-                if section["image"]:
-                    fig = plt.figure(figsize=(11.69, 8.27))
-                    fig.text(0.04, 0.96, section["title"], fontsize=13, weight="bold", va="top")
-                    fig.text(0.04, 0.92, section["source"], fontsize=8, va="top")
-                    ax = fig.add_axes([0.03, 0.03, 0.94, 0.85])
-                    ax.imshow(plt.imread(out_dir / section["image"]))
-                    ax.axis("off")
-                    pdf.savefig(fig)
-                    plt.close(fig)
-                elif section["title"].startswith("(a)"):
-                    text_pages(pdf, section["title"], [f"{i + 1:4d}  {line}" for i, line in enumerate(section["lines"])],
-                               per_page=95, size=5.8)
-                else:
-                    wrapped = [section["source"], ""] + [line[i:i + 120] for line in section["lines"]
-                                                         for i in range(0, max(len(line), 1), 120)]
-                    text_pages(pdf, section["title"], wrapped, size=6.5 if len(section["lines"]) > 40 else 7.5)
-    write_atomically(path, write)
-
-
-def replace_between_markers(text, name, content):
-    """Swap what stands between <!-- name:start --> and <!-- name:end --> for content."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        return text
-    before, rest = text.split(start, 1)
-    return f"{before}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
-
-
-def update_readme(summary, sections, machines, path):
-    """Rewrite README's results table, machine table and command outputs, so README never
-    re-types a number."""
-    text = path.read_text() if path.exists() else ""
-    outputs = []
-    for section in sections:
-        if section["lines"] and section["in_readme"]:
-            outputs += [f"{section['title']} ({section['source']}):", "", "```", *section["lines"], "```", ""]
-    text = replace_between_markers(text, "results", "\n".join(markdown_table([("item", "result"), *summary])))
-    text = replace_between_markers(text, "machines", "\n".join(markdown_table(machines)))
-    text = replace_between_markers(text, "outputs", "\n".join(outputs).rstrip())
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+def hand_in_tooling():
+    """report/build.py, which builds the report and the zip from the records the commands
+    above leave; not needed to train, test or measure."""
+    path = ROOT / "report" / "build.py"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: `report` and `submit` run in the project's checkout")
+    sys.modules.setdefault("CNNclassify", sys.modules[__name__])  # its `import CNNclassify` is this module
+    spec = importlib.util.spec_from_file_location("report_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def command_report(args):
-    """`report`: report/report.md and report/report.pdf from the recorded results, and
-    README's tables (with --readme). All records are read and checked before anything is
-    written, so a bad record changes no file."""
-    out_dir = Path(args.out_dir)
-    try:
-        summary, sections, figures, missing = collect_report(args.model_dir, args.records_dir)
-        machines = machine_rows([Path(args.model_dir) / RESULTS_FILE, *sorted(MACHINE_RESULTS.glob("*.json"))])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
-        raise UserError(f"a record is malformed ({type(error).__name__}: {first_line(error)}); "
-                        "rerun the command that made it") from None
-    ensure_writable(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, draw in figures.items():
-        draw(out_dir / name)
-    write_markdown(summary, sections, missing, out_dir / "report.md")
-    write_pdf(summary, sections, missing, out_dir, out_dir / "report.pdf")
-    if args.readme:
-        update_readme(summary, sections, machines, Path(args.readme))
-    for line in missing:
-        log(line)
-    print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.pdf'}")
+    """`report`: report/report.md and report.pdf (and README's tables with --readme)."""
+    written = hand_in_tooling().report(args.model_dir, args.records_dir, args.out_dir, args.author, args.readme)
+    print("wrote " + " and ".join(map(str, written)))
+
+
+def command_submit(args):
+    """`submit LAST FIRST`: the zip to hand in, checked, listed and proved to work."""
+    print("\n".join(hand_in_tooling().submit(ROOT, args.last, args.first, args.out_dir)))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1854,7 +1646,13 @@ def build_parser():
     p = command("report", command_report, "build report/report.md and report/report.pdf from the records", "records")
     p.add_argument("--model-dir", default=str(MODEL_DIR), help="where results.json and the model are")
     p.add_argument("--out-dir", default=str(REPORT_DIR), help="where the report goes")
+    p.add_argument("--author", help="the student's name on the cover, e.g. \"Harry Potter\"")
     p.add_argument("--readme", help="also rewrite the tables between the markers in this README")
+
+    p = command("submit", command_submit, "write LAST_FIRST_HW2.zip to hand in, and check that it works")
+    p.add_argument("last", help="last name (letters, hyphens allowed)")
+    p.add_argument("first", help="first name (letters, hyphens allowed)")
+    p.add_argument("--out-dir", default=".", help="where the zip goes")
     return parser
 
 

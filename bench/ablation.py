@@ -33,15 +33,15 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     device = torch.device("cpu")
-    dtype = C.compute_dtype(device)
-    machine = C.machine_description(device)
+    dtype, _ = C.training_format(device, "auto", C.recipe(device))
+    machine = C.machine_description(device, dtype)
     data = C.load_cifar(args.data_dir)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)}; seed {args.seed}, {args.epochs} epochs each", flush=True)
     rows = []
     for name in args.variants:
-        hyp = dict(C.HYPERPARAMETERS, epochs=args.epochs, **VARIANTS[name])
-        _, history, seconds = C.train_one_seed(data, args.seed, hyp, device, dtype)
+        hyp = dict(C.recipe(device, epochs=args.epochs), **VARIANTS[name])
+        _, history, seconds = C.train_one_seed(data, args.seed, hyp, device, dtype, C.DEVICE_DEFAULTS["cpu"]["eval_batch"])
         rows.append((name, history[-1]["test_accuracy"], seconds))
         print(f"# {name}: {history[-1]['test_accuracy']:.2f}% in {seconds:.1f} s", flush=True)
     print(f"{'variant':<28s} {'test acc':>8s} {'seconds':>8s}")

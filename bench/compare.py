@@ -86,10 +86,11 @@ def run_baseline(data, budget, seed):
 def run_ours(data, budget, seed):
     """What `train --budget` does: the epochs that fit in the budget, measured here first."""
     device = torch.device("cpu")
-    dtype = C.compute_dtype(device)
-    hyp = dict(C.HYPERPARAMETERS)
-    epochs = C.epochs_within(budget, C.seconds_per_epoch(data, hyp, device, dtype))
-    _, history, seconds = C.train_one_seed(data, seed, dict(hyp, epochs=epochs), device, dtype)
+    hyp = C.recipe(device)
+    dtype, _ = C.training_format(device, "auto", hyp)
+    eval_batch = C.DEVICE_DEFAULTS["cpu"]["eval_batch"]
+    epochs = C.epochs_within(budget, C.seconds_per_epoch(data, hyp, device, dtype, eval_batch))
+    _, history, seconds = C.train_one_seed(data, seed, dict(hyp, epochs=epochs), device, dtype, eval_batch)
     return {"test_accuracy": history[-1]["test_accuracy"], "epochs": epochs, "seconds": seconds,
             "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
             "seconds_per_epoch": seconds / epochs}
@@ -104,7 +105,7 @@ def main():
     data = C.load_cifar(args.data_dir)
     ours = run_ours(data, args.budget, args.seed)
     baseline = run_baseline(data, args.budget, args.seed)
-    machine = C.machine_description(torch.device("cpu"))
+    machine = C.machine_description(torch.device("cpu"), torch.float32)
     print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}")
     print(f"budget: {args.budget:.0f} s of training each, seed {args.seed}")
     print(f"{'recipe':<22s} {'test acc':>9s} {'epochs':>6s} {'seconds':>8s} {'images/s':>9s} {'s/epoch':>8s}")

@@ -23,12 +23,13 @@ def main():
     args = parser.parse_args()
     data = C.load_cifar(args.data_dir)
     device = torch.device("cpu")
-    dtype = C.compute_dtype(device)
+    dtype, _ = C.training_format(device, "auto", C.recipe(device))
     rows = []
     for epochs in args.epochs:
-        _, history, seconds = C.train_one_seed(data, args.seed, dict(C.HYPERPARAMETERS, epochs=epochs), device, dtype)
+        _, history, seconds = C.train_one_seed(data, args.seed, C.recipe(device, epochs=epochs), device, dtype,
+                                               C.DEVICE_DEFAULTS["cpu"]["eval_batch"])
         rows.append((epochs, seconds, history[-1]["test_accuracy"]))
-    machine = C.machine_description(device)
+    machine = C.machine_description(device, dtype)
     print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)}; seed {args.seed}")
     print(f"{'epochs':>6s} {'train seconds':>14s} {'final test acc':>15s}")

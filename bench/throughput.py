@@ -1,6 +1,6 @@
 """Training throughput of our CNN (forward + backward + optimizer steps, images/s) by number
 format, memory layout, width and batch size: the measurements behind the recipe's CPU settings.
-With --evaluation, the test-set evaluation's throughput by batch size instead (EVAL_BATCH).
+With --evaluation, the test-set evaluation's throughput by batch size instead (DEVICE_DEFAULTS["cpu"]["eval_batch"]).
 
     python bench/throughput.py > bench/throughput_cpu_2core.txt
     python bench/throughput.py --evaluation > bench/evaluation_cpu_2core.txt
@@ -19,28 +19,23 @@ import CNNclassify as C  # noqa: E402
 def images_per_second(widths, batch_size, channels_last, dtype, steps=6, warmup=2):
     """Training steps of the shipped recipe (Muon and SGD) on random data, timed after `warmup`."""
     torch.manual_seed(0)
-    hyp = dict(C.HYPERPARAMETERS, widths=widths, batch_size=batch_size)
-    model = C.CNN(**{k: hyp[k] for k in C.MODEL_SETTINGS}).train()
-    model.compute_dtype = dtype
+    device = torch.device("cpu")
+    hyp = dict(C.recipe(device, batch_size), widths=widths)
+    model = C.CNN(**{k: hyp[k] for k in C.MODEL_SETTINGS}, compute_dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizers = C.make_optimizers(model, hyp, dtype)
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in optimizers]
+    optimiser = C.Optimiser(model, hyp, steps + warmup, device, dtype)
     x, y = torch.rand(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for step in range(steps + warmup):
-        if step == warmup:
-            start = time.perf_counter()
-        C.train_step(model, optimizers, schedules, x, y, hyp)
-    return batch_size * steps / (time.perf_counter() - start)
+    times = C.timed_steps(model, optimiser, [(x, y)] * (steps + warmup), device)
+    return batch_size * steps / sum(times[warmup:])
 
 
 def evaluation_images_per_second(batch_size, images=2000):
     """C.evaluate's forward pass (eval mode: each image and its mirror) in batches of batch_size."""
     torch.manual_seed(0)
-    model = C.build_cnn().eval()
-    model.compute_dtype = C.compute_dtype(torch.device("cpu"))
+    model = C.build_cnn(dtype=C.choose_format(torch.device("cpu"), "auto")[0]).eval()
     x = torch.rand(images, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x[:batch_size])  # one untimed batch first
@@ -61,7 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--evaluation", action="store_true", help="time evaluation by batch size instead")
     args = parser.parse_args()
-    machine = C.machine_description(torch.device("cpu"))
+    machine = C.machine_description(torch.device("cpu"), torch.float32)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"bfloat16 flags {machine['cpu_bfloat16_flags']}")
     if args.evaluation:

@@ -36,9 +36,10 @@ def logits(model, x, views):
 @torch.inference_mode()
 def accuracy(model, images, labels, views):
     correct = 0
-    for start in range(0, len(images), C.EVAL_BATCH):
-        x = C.to_float(images[start:start + C.EVAL_BATCH]).contiguous(memory_format=torch.channels_last)
-        correct += (logits(model, x, views).argmax(1) == labels[start:start + C.EVAL_BATCH]).sum().item()
+    batch = C.DEVICE_DEFAULTS["cpu"]["eval_batch"]
+    for start in range(0, len(images), batch):
+        x = C.to_float(images[start:start + batch]).contiguous(memory_format=torch.channels_last)
+        correct += (logits(model, x, views).argmax(1) == labels[start:start + batch]).sum().item()
     return 100 * correct / len(images)
 
 
@@ -59,9 +60,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
     args = parser.parse_args()
-    model = C.load_cnn()
+    device = torch.device("cpu")
+    dtype, _ = C.choose_format(device, "auto")
+    model = C.load_cnn(device=device, dtype=dtype)
     images, labels = C.load_cifar(args.data_dir)["test"]
-    machine = C.machine_description(torch.device("cpu"))
+    machine = C.machine_description(device, dtype)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(model.compute_dtype)}; model/cnn.pt")
     print(f"{'views':>5s} {'test acc':>9s} {'median ms per image':>20s}")

@@ -1,0 +1,50 @@
+"""Seed-0 runs of recipe variants on a GPU: what batch size, epochs and widths give there,
+for choosing DEVICE_DEFAULTS["gpu"] (run by bench/gpu_check.sh).
+
+    python bench/gpu_sweep.py --data-dir /tmp/cifar10 [--device cuda]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import CNNclassify as C  # noqa: E402
+
+VARIANTS = {  # name: changes to the GPU recipe
+    "default (batch 1024, 15 epochs)": {},
+    "batch 2048": {"batch_size": 2048},
+    "batch 1024, 10 epochs": {"epochs": 10},
+    "batch 2048, 10 epochs": {"batch_size": 2048, "epochs": 10},
+    "widths 64/256/256, 10 epochs": {"widths": (64, 256, 256), "epochs": 10},
+    "widths 64/256/256, 15 epochs": {"widths": (64, 256, 256)},
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subset", type=int, default=0, help="first N images only (a quick check of this script)")
+    args = parser.parse_args()
+    device = C.pick_device(args.device)
+    data = C.take_subset(C.load_cifar(args.data_dir), args.subset)
+    dtype, how = C.training_format(device, "auto", C.recipe(device))
+    eval_batch = C.DEVICE_DEFAULTS[C.device_class(device)]["eval_batch"]
+    machine = C.machine_description(device, dtype)
+    print(f"machine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {C.precision_name(dtype)} "
+          f"({how}); seed {args.seed}", flush=True)
+    print(f"{'variant':<32s} {'test acc':>8s} {'train s':>8s} {'wall s':>7s}", flush=True)
+    for name, change in VARIANTS.items():
+        hyp = dict(C.recipe(device), **change)
+        start = time.perf_counter()
+        _, history, seconds = C.train_one_seed(data, args.seed, hyp, device, dtype, eval_batch)
+        print(f"{name:<32s} {history[-1]['test_accuracy']:7.2f}% {seconds:8.2f} {time.perf_counter() - start:7.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""The hand-in tooling beside CNNclassify.py: the report (report.md, report.pdf, README's
+tables) built from the records the commands leave, and the zip a student hands in.
+
+CNNclassify.py's `report` and `submit` commands load this file; it reads the same records
+and calls the same functions as the commands themselves, so every number shown comes from
+a command that ran. The PDF is laid out by ReportLab: a cover, then the assignment's items
+(a) to (h) in order, each command's output drawn like a terminal screenshot.
+"""
+import io
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import CNNclassify as C
+
+TEST_IMAGE = "car.png"          # the image whose `test` output and conv maps the report shows
+MAX_ZIP_BYTES = 50_000_000      # what a course's upload form takes
+NAME_PART = re.compile(r"[A-Za-z]+(-[A-Za-z]+)*")
+DATASET_NAMES = re.compile(r"(data_batch_\d|test_batch|batches\.meta|cifar-10.*\.(tar\.gz|zip))$")
+
+
+# ----------------------------------------------------------------------------- records
+
+def read_record(path):
+    """A JSON record as a dict; None if the file is missing; a UserError if it is unreadable."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = C.json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise C.UserError(f"{path}: not a readable record ({C.first_line(error)}); rerun the command that made it") from None
+    if not isinstance(record, dict):
+        raise C.UserError(f"{path}: not a record (a JSON object); rerun the command that made it")
+    return record
+
+
+def made_by(rec):
+    machine = rec["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
+    return f"made by `{rec['command']}` on {where} ({machine['device']}), torch {machine['torch']}"
+
+
+def machine_class(machine):
+    """How a record's machine computes: what decides the speed of `train` there."""
+    if machine.get("gpu"):
+        return f"GPU ({machine['gpu']})"
+    isa = machine.get("onednn_max_cpu_isa")
+    where = machine["cpu"] + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
+    native = machine.get("precision", machine.get("precision_auto")) == "bfloat16"
+    return f"CPU {'with' if native else 'without'} native bfloat16 ({where})"
+
+
+def seconds_to_reach(history, accuracy):
+    """Training seconds at the end of the first epoch whose test accuracy reaches `accuracy`."""
+    return next((h["seconds"] for h in history if h["test_accuracy"] >= accuracy), None)
+
+
+def summary_rows(results):
+    """The headline rows of a training run's results."""
+    runs, machine = results["runs"], results["machine"]
+    seconds = [r["train_seconds"] for r in runs]
+    reached = [seconds_to_reach(r["history"], 75.0) for r in runs]
+    return [("machine (training)", f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} "
+             f"torch threads, {machine['device']}, {results['precision']}, torch {machine['torch']}"),
+            ("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} (mean +/- numpy.std, "
+             f"seeds {', '.join(str(r['seed']) for r in runs)}; {results['epochs']} epochs)"),
+            ("CNN training time per seed", f"{np.mean(seconds):.0f} s mean, {max(seconds):.0f} s max "
+             f"({np.mean([r['images_per_second'] for r in runs]):.0f} images/s)"),
+            ("CNN first epoch end at >= 75% test accuracy", "not reached by every seed" if None in reached
+             else f"{max(reached):.0f} s at most ({', '.join(f'{t:.0f}' for t in reached)} s)")]
+
+
+def machine_rows(results_files):
+    """One row per kind of machine that ran `train`: seconds per seed and accuracy."""
+    rows = [("machine", "command", "epochs", "s per seed (max)", "test accuracy")]
+    for path in results_files:
+        results = read_record(path)
+        if results:
+            rows.append((machine_class(results["machine"]), f"`{results['command']}`", str(results["epochs"]),
+                         f"{max(r['train_seconds'] for r in results['runs']):.0f}",
+                         f"{results['mean']:.2f}%" + (f" +/- {results['std']:.2f}" if len(results["runs"]) > 1 else "")))
+    return rows
+
+
+def markdown_table(rows):
+    """Rows of cells -> a markdown table whose first row is the header."""
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
+
+
+# ----------------------------------------------------------------------------- sections (a) to (h)
+
+@dataclass
+class Section:
+    """One item of the report: a title, where it comes from, and what it shows: terminal
+    screenshots (command, output lines), an image, a listing of the code, plain notes."""
+    title: str
+    source: str
+    screenshots: list = field(default_factory=list)   # [(command, [lines])]
+    image: str = None                                 # file name in the report folder
+    code: list = None                                 # lines of CNNclassify.py
+    notes: list = field(default_factory=list)
+    in_readme: bool = True
+
+
+class Missing(Exception):
+    """A record an item needs is missing; the message is the command that makes it."""
+
+
+def need(record, path, maker):
+    if record is None:
+        raise Missing(f"{Path(path).name} is missing: run `{maker}`")
+    return record
+
+
+def code_section(ctx):
+    code = Path(C.__file__).read_text().splitlines()
+    return Section("(a) Code: CNNclassify.py", f"the script itself, {len(code)} lines, sha256 {C.sha256_of(C.__file__)}",
+                   code=code, in_readme=False)
+
+
+TRAIN = "python CNNclassify.py train --seeds 0 1 2"
+
+
+def tested(ctx):
+    if "test" not in ctx:
+        raise Missing(f"{C.MAIN_MODEL} is missing: run `python CNNclassify.py train`")
+    return ctx["test"]
+
+
+def training_section(ctx):
+    results = need(ctx["results"], C.RESULTS_FILE, TRAIN)
+    epochs = len(results["runs"][0]["history"])
+    lines = [C.epoch_line(r["seed"], h, epochs) for r in results["runs"] for h in r["history"]] + C.seed_table(results)
+    return Section("(b) Output of training", made_by(results), [(results["command"], lines)], in_readme=False)
+
+
+def testing_section(ctx):
+    lines, _ = tested(ctx)
+    return Section("(b) Output of testing an image", "made by `report`, running `test` on the model in model/",
+                   [(f"python CNNclassify.py test {TEST_IMAGE}", lines)])
+
+
+def conv_section(ctx):
+    tested(ctx)
+    return Section(f"(c) First conv layer for {TEST_IMAGE} (CONV_rslt.png)", "made by the same run",
+                   image="CONV_rslt.png")
+
+
+def resnet_section(ctx):
+    records = ctx["resnet20"]
+    if not records:
+        raise Missing("resnet20_*.json is missing: run `python CNNclassify.py resnet20`")
+    return Section("(d) ResNet-20 test accuracy", "; ".join(made_by(r) for r in records),
+                   [(r["command"], r["output"]) for r in records])
+
+
+def plot_section(ctx):
+    if not (ctx["model_dir"] / "accuracy.png").exists():
+        raise Missing(f"accuracy.png is missing: run `{TRAIN}`")
+    return Section("(e) Train and test accuracy per epoch", made_by(need(ctx["results"], C.RESULTS_FILE, TRAIN)),
+                   image="accuracy.png")
+
+
+def costs_section(ctx):
+    rec = need(ctx["profile"], "profile.json", "python CNNclassify.py profile")
+    return Section("(f) MACs and parameters (THOP)", made_by(rec), [(rec["command"], rec["output"])])
+
+
+def seeds_section(ctx):
+    results = need(ctx["results"], C.RESULTS_FILE, TRAIN)
+    return Section("(g) Seeds and final test accuracy", made_by(results), [(results["command"], C.seed_table(results))],
+                   notes=["Each seed sets Python's, NumPy's and PyTorch's generators by hand (set_seed) and the "
+                          "data order, flips and translations (Loader); std is numpy.std over the seeds."])
+
+
+def speed_section(ctx):
+    rec = need(ctx["speed"], "speed.json", "python CNNclassify.py speed")
+    return Section("(h) Inference time, one image", made_by(rec), [(rec["command"], rec["output"])])
+
+
+BUILDERS = [code_section, training_section, testing_section, conv_section, resnet_section, plot_section,
+            costs_section, seeds_section, speed_section]
+
+
+def collect(model_dir, records_dir):
+    """The report's summary rows, sections (a)-(h) and figures {name: draw(path)}, read from
+    the records (writing nothing), and the commands that make what is missing."""
+    model_dir, records_dir = Path(model_dir), Path(records_dir)
+    results = read_record(model_dir / C.RESULTS_FILE)
+    ctx = {"model_dir": model_dir, "results": results, "profile": read_record(records_dir / "profile.json"),
+           "speed": read_record(records_dir / "speed.json"),
+           "resnet20": [read_record(p) for p in sorted(records_dir.glob("resnet20_*.json"))]}
+    missing, figures, summary = [], {}, []
+    if (model_dir / C.MAIN_MODEL).exists():
+        lines, figure = C.classify_image(C.IMAGE_DIR / TEST_IMAGE, C.load_cnn(model_dir / C.MAIN_MODEL))
+        ctx["test"] = (lines, figure)
+        figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*figure, path)
+    if (model_dir / "accuracy.png").exists():
+        figures["accuracy.png"] = lambda path: C.copy_atomically(model_dir / "accuracy.png", path)
+    sections = []
+    for build in BUILDERS:
+        try:
+            sections.append(build(ctx))
+        except Missing as error:
+            missing.append(str(error))
+    if results:
+        summary += summary_rows(results)
+    if "test" in ctx:
+        summary.append((f"test {TEST_IMAGE}", ctx["test"][0][0]))
+    summary += [(f"ResNet-20 ({Path(r['weights']).name})", f"{r['accuracy']:.2f}%") for r in ctx["resnet20"]]
+    if ctx["profile"]:
+        summary += [(f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}") for m in ctx["profile"]["models"]]
+    if ctx["speed"]:
+        summary += [(f"inference: {m['name']}", f"{m['mean_ms']:.3f} ms mean per image") for m in ctx["speed"]["models"]]
+    return summary, sections, figures, sorted(set(missing))
+
+
+# ----------------------------------------------------------------------------- markdown and README
+
+def write_markdown(summary, sections, author, path):
+    out = ["# CNNclassify report" + (f": {author}" if author else ""), "",
+           "Built by `python CNNclassify.py report` from the records of the commands below; no number is "
+           "typed by hand.", "", *markdown_table([("item", "result"), *summary])]
+    for section in sections:
+        out += ["", f"## {section.title}", "", section.source + ".", ""]
+        if section.code:
+            out += ["```python", *section.code, "```"]
+        for command, lines in section.screenshots:
+            out += ["```", f"$ {command}", *lines, "```"]
+        out += [f"![{section.title}]({section.image})"] if section.image else []
+        out += section.notes
+    C.write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(out) + "\n"))
+
+
+def replace_between_markers(text, name, content):
+    """Swap what stands between <!-- name:start --> and <!-- name:end --> for content."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        return text
+    before, rest = text.split(start, 1)
+    return f"{before}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
+
+
+def update_readme(summary, sections, machines, path):
+    """Rewrite README's results table, machine table and command outputs, so README never
+    re-types a number."""
+    text = path.read_text() if path.exists() else ""
+    outputs = []
+    for section in sections:
+        for command, lines in section.screenshots if section.in_readme else []:
+            outputs += [f"{section.title} ({section.source}):", "", "```", f"$ {command}", *lines, "```", ""]
+    text = replace_between_markers(text, "results", "\n".join(markdown_table([("item", "result"), *summary])))
+    text = replace_between_markers(text, "machines", "\n".join(markdown_table(machines)))
+    text = replace_between_markers(text, "outputs", "\n".join(outputs).rstrip())
+    C.write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ----------------------------------------------------------------------------- PDF
+
+PAGE_MARGIN = 36       # points, each side of an A4 page
+BODY_SIZE = 10
+TERMINAL_SIZE = 8      # the smallest type in the report: 106 columns, so `train`'s epoch lines fit
+CODE_SIZE = 8.5
+
+
+def fonts():
+    """DejaVu Sans and Sans Mono (shipped with matplotlib): every character of the code and
+    outputs has a glyph, and the same file gives the same PDF on every machine."""
+    from matplotlib import font_manager
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.ttfonts import TTFont
+    for name, family, weight in [("Sans", "DejaVu Sans", "normal"), ("Sans-Bold", "DejaVu Sans", "bold"),
+                                 ("Mono", "DejaVu Sans Mono", "normal"), ("Mono-Bold", "DejaVu Sans Mono", "bold")]:
+        if name not in pdfmetrics.getRegisteredFontNames():
+            path = font_manager.findfont(font_manager.FontProperties(family=family, weight=weight), fallback_to_default=False)
+            pdfmetrics.registerFont(TTFont(name, path))
+
+
+def wrap(line, width, indent):
+    """A line cut into pieces of at most `width` characters, the later ones indented."""
+    pieces, line = [], line.expandtabs(4)
+    while len(line) > width:
+        pieces.append(line[:width])
+        line = " " * indent + line[width:]
+    return pieces + [line]
+
+
+def styles():
+    from reportlab.lib.styles import ParagraphStyle
+    body = ParagraphStyle("body", fontName="Sans", fontSize=BODY_SIZE, leading=BODY_SIZE * 1.35, spaceAfter=4)
+    return {"body": body,
+            "title": ParagraphStyle("title", parent=body, fontName="Sans-Bold", fontSize=20, leading=26, spaceAfter=10),
+            "heading": ParagraphStyle("heading", parent=body, fontName="Sans-Bold", fontSize=13, leading=17,
+                                      spaceBefore=12, spaceAfter=4, keepWithNext=True),
+            "source": ParagraphStyle("source", parent=body, fontSize=8.5, leading=11, textColor="#555555",
+                                     keepWithNext=True),
+            "terminal": ParagraphStyle("terminal", fontName="Mono", fontSize=TERMINAL_SIZE, leading=TERMINAL_SIZE * 1.25,
+                                       textColor="#e8e8e8", backColor="#1e1e1e", borderPadding=(6, 6, 6, 6),
+                                       spaceBefore=8, spaceAfter=12),
+            "code": ParagraphStyle("code", fontName="Mono", fontSize=CODE_SIZE, leading=CODE_SIZE * 1.2)}
+
+
+def mono_columns(style, width):
+    """How many characters of the monospace font fit in `width` points."""
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+    return int(width // stringWidth("M", style.fontName, style.fontSize))
+
+
+def terminal(command, lines, style, width):
+    """A command and its output as a terminal shows them: prompt, text, dark panel."""
+    from reportlab.platypus import XPreformatted
+    from xml.sax.saxutils import escape
+    columns = mono_columns(style, width - 12)
+    prompt = [f'<font color="#7ee787">{escape(piece)}</font>' for piece in wrap(f"$ {command}", columns, 4)]
+    output = [escape(piece) for line in lines for piece in wrap(line, columns, 4)]
+    return XPreformatted("\n".join(prompt + output), style)
+
+
+def code_listing(code, style, width):
+    """The code with line numbers, wrapped to the page, as one flowable per page-sized run."""
+    from reportlab.platypus import XPreformatted
+    from xml.sax.saxutils import escape
+    columns = mono_columns(style, width)
+    rows = []
+    for number, line in enumerate(code, 1):
+        pieces = wrap(line, columns - 6, 4)
+        rows.append(f'<font color="#888888">{number:5d}</font> ' + escape(pieces[0]))
+        rows += ["      " + escape(piece) for piece in pieces[1:]]
+    return [XPreformatted("\n".join(rows[i:i + 20]), style) for i in range(0, len(rows), 20)]
+
+
+def figure(path, width, max_height):
+    from reportlab.platypus import Image
+    from reportlab.lib.utils import ImageReader
+    w, h = ImageReader(str(path)).getSize()
+    scale = min(width / w, max_height / h)
+    return Image(str(path), width=w * scale, height=h * scale)
+
+
+def table(rows, style, width):
+    from reportlab.platypus import Paragraph, Table, TableStyle
+    from xml.sax.saxutils import escape
+    cells = [[Paragraph(escape(str(c)), style) for c in row] for row in rows]
+    out = Table(cells, colWidths=[width * 0.36, width * 0.64])
+    out.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.4, "#bbbbbb"), ("BACKGROUND", (0, 0), (-1, 0), "#eeeeee"),
+                             ("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    return out
+
+
+def write_pdf(summary, sections, out_dir, author, path):
+    """Cover (title, author, results), then (a) to (h), on A4, type 8 pt and larger."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer
+    from xml.sax.saxutils import escape
+    fonts()
+    s = styles()
+    width = A4[0] - 2 * PAGE_MARGIN
+    story = [Paragraph("CIFAR-10 CNN classifier: report", s["title"])]
+    if author:
+        story.append(Paragraph(escape(author), s["heading"]))
+    story += [Paragraph("Every number, output and figure below was made by `CNNclassify.py` and read from the "
+                        "records its commands leave; the commands are shown with each output.", s["body"]),
+              Spacer(1, 6), table([("item", "result"), *summary], s["body"], width)]
+    for section in sections:
+        story += [Paragraph(escape(section.title), s["heading"]), Paragraph(escape(section.source), s["source"])]
+        story += [Paragraph(escape(note), s["body"]) for note in section.notes]
+        for command, lines in section.screenshots:
+            story.append(terminal(command, lines, s["terminal"], width))
+        if section.image:
+            story.append(figure(out_dir / section.image, width, A4[1] * 0.55))
+        if section.code:
+            story += code_listing(section.code, s["code"], width)
+
+    def number_pages(canvas, doc):
+        canvas.setFont("Sans", 8)
+        canvas.drawRightString(A4[0] - PAGE_MARGIN, PAGE_MARGIN / 2, f"{doc.page}")
+
+    def write(tmp):
+        doc = SimpleDocTemplate(tmp, pagesize=A4, leftMargin=PAGE_MARGIN, rightMargin=PAGE_MARGIN,
+                                topMargin=PAGE_MARGIN, bottomMargin=PAGE_MARGIN, title="CNNclassify report",
+                                author=author or "", subject=f"CNNclassify.py sha256 {C.sha256_of(C.__file__)}",
+                                creator="CNNclassify.py report", invariant=1)
+        doc.build(story, onFirstPage=number_pages, onLaterPages=number_pages)
+    C.write_atomically(path, write)
+
+
+def pdf_code_digest(path):
+    """The sha256 of CNNclassify.py that a report.pdf was built from (None if it has none)."""
+    found = re.search(rb"sha256 ([0-9a-f]{64})", Path(path).read_bytes())
+    return found.group(1).decode() if found else None
+
+
+# ----------------------------------------------------------------------------- report command
+
+def report(model_dir, records_dir, out_dir, author=None, readme=None):
+    """report.md and report.pdf in out_dir (and README's tables): every item read and checked
+    first; a missing item is a UserError naming the commands that make it, and nothing is
+    written then, since a partial report is no hand-in."""
+    out_dir = Path(out_dir)
+    try:
+        summary, sections, figures, missing = collect(model_dir, records_dir)
+        machines = machine_rows([Path(model_dir) / C.RESULTS_FILE, *sorted((C.ROOT / "bench" / "machines").glob("*.json"))])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise C.UserError(f"a record is malformed ({type(error).__name__}: {C.first_line(error)}); "
+                          "rerun the command that made it") from None
+    if missing:
+        raise C.UserError("the report would miss items: " + "; ".join(missing))
+    C.ensure_writable(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, draw in figures.items():
+        draw(out_dir / name)
+    write_markdown(summary, sections, author, out_dir / "report.md")
+    write_pdf(summary, sections, out_dir, author, out_dir / "report.pdf")
+    if readme:
+        update_readme(summary, sections, machines, Path(readme))
+    return [out_dir / "report.md", out_dir / "report.pdf"]
+
+
+# ----------------------------------------------------------------------------- the hand-in zip
+
+def hand_in_files(root):
+    """(path in the zip, file) for what a grader gets: the script, model/ (no subset or scratch
+    runs), the report PDF, the test images, requirements.txt and README.md."""
+    root = Path(root)
+    model = [p for p in sorted((root / "model").rglob("*")) if p.is_file()
+             and "subset" not in p.relative_to(root / "model").parts and not p.name.startswith(".")]
+    files = [root / "CNNclassify.py", *model, root / "report" / "report.pdf",
+             *sorted(p for p in (root / "test_images").iterdir() if p.is_file()),
+             root / "requirements.txt", root / "README.md"]
+    return [(p.relative_to(root).as_posix(), p) for p in files]
+
+
+def check_hand_in(root, first, last):
+    """Refuse (UserError) what must not be handed in: bad name parts, no model, no report or
+    one of another CNNclassify.py, or a report that names someone else."""
+    for part in (last, first):
+        if not NAME_PART.fullmatch(part):
+            raise C.UserError(f"'{part}': a name part must be plain letters (hyphens allowed), as in Potter Harry")
+    root = Path(root)
+    if not (root / "model" / C.MAIN_MODEL).is_file():
+        raise C.UserError(f"{root / 'model' / C.MAIN_MODEL} is missing: run `python CNNclassify.py train --seeds 0 1 2`")
+    pdf = root / "report" / "report.pdf"
+    if not pdf.is_file():
+        raise C.UserError(f"{pdf} is missing: run `python CNNclassify.py report --author \"{first} {last}\"`")
+    if pdf_code_digest(pdf) != C.sha256_of(root / "CNNclassify.py"):
+        raise C.UserError(f"{pdf} was built from another CNNclassify.py than the one here: run "
+                          f"`python CNNclassify.py report --author \"{first} {last}\"` again")
+    if f"{first} {last}".encode() not in pdf.read_bytes():
+        raise C.UserError(f"{pdf} does not name {first} {last}: run `python CNNclassify.py report --author \"{first} {last}\"`")
+
+
+def build_zip(files):
+    """The zip's bytes, files in the given order with fixed dates (same files, same zip)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, path in files:
+            if DATASET_NAMES.search(name):
+                raise C.UserError(f"{name} looks like CIFAR-10 data, which must never be handed in")
+            info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, path.read_bytes())
+    return buffer.getvalue()
+
+
+def prove(zip_path):
+    """Unpack the zip into a temporary folder and run `test` on its first image there, as a
+    grader would; returns the lines it printed, or a UserError with what went wrong."""
+    with tempfile.TemporaryDirectory() as folder:
+        with zipfile.ZipFile(zip_path) as archive:
+            archive.extractall(folder)
+            image = next(n for n in archive.namelist() if n.startswith("test_images/"))
+        done = subprocess.run([sys.executable, "CNNclassify.py", "test", image, "--out", "CONV_rslt.png"],
+                              cwd=folder, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not (Path(folder) / "CONV_rslt.png").is_file():
+            raise C.UserError(f"the unpacked zip failed `python CNNclassify.py test {image}` "
+                              f"({C.first_line(done.stderr or 'no output')}); it was removed")
+        return image, done.stdout.strip().splitlines()
+
+
+def submit(root, last, first, out_dir):
+    """LAST_FIRST_HW2.zip in out_dir, checked (check_hand_in), listed and proved (prove)."""
+    check_hand_in(root, first, last)
+    files = hand_in_files(root)
+    data = build_zip(files)
+    if len(data) > MAX_ZIP_BYTES:
+        raise C.UserError(f"the zip would be {C.megabytes(len(data))}, over {C.megabytes(MAX_ZIP_BYTES)}")
+    path = Path(out_dir) / f"{last}_{first}_HW2.zip"
+    C.ensure_writable(path.parent)
+    C.write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+    lines = [f"{path}: {len(files)} files, {C.megabytes(len(data))}"]
+    lines += [f"  {p.stat().st_size:>12,d}  {name}" for name, p in files]
+    try:
+        image, output = prove(path)
+    except C.UserError:
+        path.unlink()
+        raise
+    lines.append(f"checked: unpacked into a temporary folder, `python CNNclassify.py test {image}` printed "
+                 f"'{output[0]}'")
+    return lines

@@ -1,0 +1,220 @@
+"""`report` (report/build.py) and `submit`: the hand-in a grader gets."""
+import hashlib
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import CNNclassify as C
+from conftest import ROOT, run_cli
+
+build = C.hand_in_tooling()
+
+
+def write_fixture_records(folder):
+    """Small but complete records in the formats the commands write."""
+    machine = C.machine_description(torch.device("cpu"), torch.float32)
+    model_dir, records = folder / "model", folder / "model" / "records"
+    records.mkdir(parents=True)
+    history = [{"epoch": e, "train_loss": 1.0, "train_accuracy": 50.0 + e, "test_loss": 1.0,
+                "test_accuracy": 60.0 + e, "seconds": 10.0 * e, "images_per_second": 100.0} for e in (1, 2)]
+    runs = [{"seed": s, "test_accuracy": 62.0 + s, "train_seconds": 20.0, "images_per_second": 100.0,
+             "seconds_per_epoch": 10.0, "history": history} for s in (0, 1, 2)]
+    results = {"command": "python CNNclassify.py train --seeds 0 1 2", "machine": machine, "runs": runs,
+               "mean": 63.0, "std": 0.816, "precision": "float32", "epochs": 2}
+    (model_dir / "results.json").write_text(json.dumps(results))
+    C.plot_accuracy(runs, model_dir / "accuracy.png")
+    model = C.build_cnn()
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
+    C.save_checkpoint(model_dir / "cnn.pt", model, {})
+    common = {"command": "python CNNclassify.py x", "machine": machine}
+    (records / "resnet20_w.json").write_text(json.dumps({**common, "weights": "w.pt", "accuracy": 91.5, "output": ["ResNet-20 test accuracy: 91.50%"]}))
+    (records / "profile.json").write_text(json.dumps({**common, "output": ["table"], "models": [{"name": "CNN", "macs": 5, "params": 6}]}))
+    (records / "speed.json").write_text(json.dumps({**common, "output": ["speed table"], "models": [{"name": "CNN", "mean_ms": 1.5}]}))
+    return model_dir, records
+
+
+def report(model_dir, records, out, *more):
+    return run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, *more)
+
+
+def test_report_builds_markdown_and_pdf_from_records(tmp_path):
+    model_dir, records = write_fixture_records(tmp_path)
+    out = tmp_path / "report"
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
+                      "<!-- outputs:start -->\nold output\n<!-- outputs:end -->\n")
+    result = report(model_dir, records, out, "--author", "Harry Potter", "--readme", readme)
+    assert result.returncode == 0, result.stderr
+    updated = readme.read_text()
+    assert updated.startswith("intro\n<!-- results:start -->\n| item | result |")
+    assert updated.endswith("<!-- outputs:end -->\n") and "<!-- results:end -->\noutro\n" in updated
+    assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
+    assert "old output" not in updated and "speed table" in updated and "prediction result: " in updated
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# CNNclassify report: Harry Potter")
+    for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
+                 "seed 2 epoch  2/2", "$ python CNNclassify.py train --seeds 0 1 2", "$ python CNNclassify.py test car.png"]:
+        assert text in markdown
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert set(images) == {"accuracy.png", "CONV_rslt.png"} and all((out / i).is_file() for i in images)
+    headings = re.findall(r"^## \((\w)\)", markdown, flags=re.M)
+    assert headings == sorted(headings) and set(headings) == set("abcdefgh")  # the assignment's order
+    assert (ROOT / "CNNclassify.py").read_text() in markdown  # (a) is the code as it is
+    pdf = (out / "report.pdf").read_bytes()
+    assert pdf[:5] == b"%PDF-" and build.pdf_code_digest(out / "report.pdf") == C.sha256_of(ROOT / "CNNclassify.py")
+    assert b"Harry Potter" in pdf and result.stderr == ""
+    assert report(model_dir, records, tmp_path / "again", "--author", "Harry Potter").returncode == 0
+    assert (tmp_path / "again" / "report.pdf").read_bytes() == pdf  # same records, same bytes
+
+
+def test_seconds_to_reach_is_the_first_epoch_end_at_the_accuracy():
+    history = [{"test_accuracy": a, "seconds": s} for a, s in [(70.0, 60.0), (75.0, 120.0), (74.0, 180.0)]]
+    assert build.seconds_to_reach(history, 75.0) == 120.0
+    assert build.seconds_to_reach(history, 70.0) == 60.0 and build.seconds_to_reach(history, 76.0) is None
+
+
+def test_a_report_with_an_item_missing_is_refused_and_names_the_commands(tmp_path):
+    model_dir, records = write_fixture_records(tmp_path)
+    (records / "speed.json").unlink()
+    result = report(model_dir, records, tmp_path / "report")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "run `python CNNclassify.py speed`" in result.stderr
+    assert not (tmp_path / "report").exists()
+    (tmp_path / "empty").mkdir()
+    result = report(tmp_path / "empty", tmp_path / "empty", tmp_path / "report")
+    assert result.returncode == 2 and not (tmp_path / "report").exists()
+    for command in ["train --seeds 0 1 2", "resnet20", "profile", "speed"]:
+        assert f"run `python CNNclassify.py {command}`" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"runs": "three", "machine": {}}', "[1, 2]"])
+def test_bad_results_file_is_one_line_and_changes_nothing(tmp_path, damage):
+    model_dir, records = write_fixture_records(tmp_path)
+    out = tmp_path / "report"
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n")
+    assert report(model_dir, records, out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (model_dir / "results.json").write_text(damage)
+    result = report(model_dir, records, out, "--readme", readme)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and ("results.json" in result.stderr or "malformed" in result.stderr)
+    assert readme.read_text() == "<!-- results:start -->\nkept\n<!-- results:end -->\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_shipped_report_prints_the_committed_code():
+    """report.pdf embeds CNNclassify.py (item a): it must be the code as committed."""
+    digest = hashlib.sha256((ROOT / "CNNclassify.py").read_bytes()).hexdigest()
+    assert build.pdf_code_digest(ROOT / "report" / "report.pdf") == digest, \
+        "report/report.pdf is stale: rerun `python CNNclassify.py report --author \"Harry Potter\" --readme README.md`"
+    assert (ROOT / "CNNclassify.py").read_text() in (ROOT / "report" / "report.md").read_text()
+
+
+def test_terminal_and_code_lines_fit_the_page():
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+    build.fonts()
+    styles = build.styles()
+    width = 595.27 - 2 * build.PAGE_MARGIN
+    for style, room in [(styles["terminal"], width - 12), (styles["code"], width)]:
+        columns = build.mono_columns(style, room)
+        pieces = build.wrap("x" * 500 + "\ty", columns, 4)
+        assert len(pieces) > 1 and max(stringWidth(p, style.fontName, style.fontSize) for p in pieces) <= room
+    epoch = C.epoch_line(0, {"epoch": 15, "train_loss": 0.8123, "train_accuracy": 96.12, "test_loss": 0.6034,
+                             "test_accuracy": 93.4, "seconds": 1537.0}, 15)
+    assert len(epoch) <= build.mono_columns(styles["terminal"], width - 12)  # a training screenshot line is never cut
+
+
+@pytest.mark.skipif(shutil.which("pdftotext") is None, reason="pdftotext (poppler-utils) not installed")
+def test_shipped_report_is_legible_and_nothing_runs_off_the_page():
+    """What a grader sees at 100%: type of 8 pt or more, no word at or past a page edge."""
+    out = subprocess.run(["pdftotext", "-bbox", str(ROOT / "report" / "report.pdf"), "-"], capture_output=True, text=True).stdout
+    heights, outside = [], []
+    for width, body in re.findall(r'<page width="([\d.]+)" height="[\d.]+">(.*?)</page>', out, re.S):
+        for x0, y0, x1, y1, word in re.findall(r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="([\d.]+)">(.*?)</word>', body):
+            heights.append(float(y1) - float(y0))
+            if float(x0) <= 0 or float(x1) >= float(width):
+                outside.append(word)
+    assert heights and statistics.median(heights) >= 8 - 1e-6 and min(heights) >= 8 - 1e-6 and outside == []
+
+
+# ----------------------------------------------------------------------------- submit
+
+@pytest.fixture(scope="module")
+def hand_in_copy(tmp_path_factory):
+    """A copy of the project as a student has it, with its report built for Harry Potter."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ["CNNclassify.py", "requirements.txt", "README.md"]:
+        shutil.copy(ROOT / name, root / name)
+    (root / "report").mkdir()
+    shutil.copy(ROOT / "report" / "build.py", root / "report" / "build.py")
+    shutil.copytree(ROOT / "test_images", root / "test_images")
+    if not (ROOT / "model" / "cnn.pt").exists():
+        pytest.skip("no trained model committed in model/")
+    shutil.copytree(ROOT / "model", root / "model", ignore=shutil.ignore_patterns("subset"))
+    (root / "model" / "subset").mkdir()
+    (root / "model" / "subset" / "cnn.pt").write_bytes(b"a quick check, never handed in")
+    done = subprocess.run([sys.executable, "CNNclassify.py", "report", "--author", "Harry Potter"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def submit(root, *args):
+    return subprocess.run([sys.executable, "CNNclassify.py", "submit", *args], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_submit_builds_and_proves_the_zip(hand_in_copy, tmp_path):
+    result = submit(hand_in_copy, "Potter", "Harry", "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "Potter_Harry_HW2.zip"
+    names = zipfile.ZipFile(path).namelist()
+    assert {"CNNclassify.py", "model/cnn.pt", "model/results.json", "model/accuracy.png", "report/report.pdf",
+            "requirements.txt", "README.md"} <= set(names)
+    assert {f"test_images/{p.name}" for p in (hand_in_copy / "test_images").iterdir()} <= set(names)
+    assert not [n for n in names if "subset" in n or re.search(r"data_batch|test_batch|batches\.meta|\.tar\.gz", n)]
+    assert path.stat().st_size < 50_000_000
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{path}: {len(names)} files") and any(line.endswith("  model/cnn.pt") for line in lines)
+    assert lines[-1].startswith("checked: unpacked into a temporary folder") and "prediction result: " in lines[-1]
+
+
+@pytest.mark.parametrize("args,problem", [(["Pott3r", "Harry"], "plain letters"), (["Potter", "Harry James"], "plain letters"),
+                                          (["Granger", "Hermione"], "does not name Hermione Granger")])
+def test_submit_refuses_bad_names(hand_in_copy, tmp_path, args, problem):
+    result = submit(hand_in_copy, *args, "--out-dir", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and problem in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_submit_refuses_a_stale_report_or_no_model(hand_in_copy, tmp_path):
+    script = hand_in_copy / "CNNclassify.py"
+    original = script.read_bytes()
+    script.write_bytes(original + b"\n# changed after the report was built\n")
+    try:
+        result = submit(hand_in_copy, "Potter", "Harry", "--out-dir", tmp_path)
+    finally:
+        script.write_bytes(original)
+    assert result.returncode == 2 and "another CNNclassify.py" in result.stderr and list(tmp_path.iterdir()) == []
+    model = hand_in_copy / "model" / "cnn.pt"
+    model.rename(model.with_suffix(".kept"))
+    try:
+        result = submit(hand_in_copy, "Potter", "Harry", "--out-dir", tmp_path)
+    finally:
+        model.with_suffix(".kept").rename(model)
+    assert result.returncode == 2 and "cnn.pt is missing" in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_zip_never_takes_dataset_files(tmp_path):
+    (tmp_path / "data_batch_1").write_bytes(b"pixels")
+    with pytest.raises(C.UserError, match="CIFAR-10 data"):
+        build.build_zip([("model/data_batch_1", tmp_path / "data_batch_1")])

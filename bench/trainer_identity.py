@@ -6,6 +6,7 @@ each, run one after the other in this process, twice, in alternating order.
     python bench/trainer_identity.py --data-dir ../shared/cifar10 > bench/trainer_identity_cpu_2core.txt
 """
 import argparse
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -44,14 +45,15 @@ def main():
         old = load_old_trainer(folder)
         runs = {
             "shipped trainer": lambda: old.train_one_seed(data, 0, dict(old.HYPERPARAMETERS, epochs=args.epochs), cpu,
-                                                          torch.float32),
+                                                          torch.float32),  # it prints its epoch lines: to stderr
             "device-resident": lambda: C.train_one_seed(data, 0, C.recipe(cpu, epochs=args.epochs), cpu, torch.float32,
                                                         C.DEVICE_DEFAULTS["cpu"]["eval_batch"])}
         results, seconds = {}, {name: [] for name in runs}
         for order in (list(runs), list(runs)[::-1]):
             for name in order:
                 start = time.perf_counter()
-                results[name] = runs[name]()
+                with contextlib.redirect_stdout(sys.stderr):
+                    results[name] = runs[name]()
                 seconds[name].append(time.perf_counter() - start)
     machine = C.machine_description(cpu, torch.float32)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, float32; "

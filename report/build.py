@@ -255,8 +255,10 @@ def update_readme(summary, sections, machines, path):
     text = path.read_text() if path.exists() else ""
     outputs = []
     for section in sections:
-        for command, lines in section.screenshots if section.in_readme else []:
-            outputs += [f"{section.title} ({section.source}):", "", "```", f"$ {command}", *lines, "```", ""]
+        if section.in_readme and section.screenshots:
+            outputs += [f"{section.title} ({section.source}):", ""]
+            for command, lines in section.screenshots:
+                outputs += ["```", f"$ {command}", *lines, "```", ""]
     text = replace_between_markers(text, "results", "\n".join(markdown_table([("item", "result"), *summary])))
     text = replace_between_markers(text, "machines", "\n".join(markdown_table(machines)))
     text = replace_between_markers(text, "outputs", "\n".join(outputs).rstrip())

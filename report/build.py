@@ -7,6 +7,7 @@ a command that ran. The PDF is laid out by ReportLab: a cover, then the assignme
 (a) to (h) in order, each command's output drawn like a terminal screenshot.
 """
 import io
+import json
 import re
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def read_record(path):
     if not path.exists():
         return None
     try:
-        record = C.json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise C.UserError(f"{path}: not a readable record ({C.first_line(error)}); rerun the command that made it") from None
     if not isinstance(record, dict):
@@ -327,7 +328,8 @@ def terminal(command, lines, style, width):
 
 
 def code_listing(code, style, width):
-    """The code with line numbers, wrapped to the page, as one flowable per page-sized run."""
+    """The code with line numbers, lines longer than the page wrapped (none are, on the
+    landscape pages write_pdf prints it on), as one flowable that splits across pages."""
     from reportlab.platypus import XPreformatted
     from xml.sax.saxutils import escape
     columns = mono_columns(style, width)
@@ -336,7 +338,7 @@ def code_listing(code, style, width):
         pieces = wrap(line, columns - 6, 4)
         rows.append(f'<font color="#888888">{number:5d}</font> ' + escape(pieces[0]))
         rows += ["      " + escape(piece) for piece in pieces[1:]]
-    return [XPreformatted("\n".join(rows[i:i + 20]), style) for i in range(0, len(rows), 20)]
+    return XPreformatted("\n".join(rows), style)
 
 
 def figure(path, width, max_height):
@@ -358,13 +360,16 @@ def table(rows, style, width):
 
 
 def write_pdf(summary, sections, out_dir, author, path):
-    """Cover (title, author, results), then (a) to (h), on A4, type 8 pt and larger."""
-    from reportlab.lib.pagesizes import A4
-    from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer
+    """Cover (title, author, results), then (a) to (h), on A4, type 8 pt and larger. The code
+    is printed on landscape pages, where every line of CNNclassify.py fits whole, so the
+    listing is the file line for line; everything else is portrait."""
+    from reportlab.lib.pagesizes import A4, landscape
+    from reportlab.platypus import (BaseDocTemplate, Frame, NextPageTemplate, PageBreak, PageTemplate, Paragraph,
+                                    Spacer)
     from xml.sax.saxutils import escape
     fonts()
     s = styles()
-    width = A4[0] - 2 * PAGE_MARGIN
+    width, wide = A4[0] - 2 * PAGE_MARGIN, landscape(A4)[0] - 2 * PAGE_MARGIN
     story = [Paragraph("CIFAR-10 CNN classifier: report", s["title"])]
     if author:
         story.append(Paragraph(escape(author), s["heading"]))
@@ -372,6 +377,8 @@ def write_pdf(summary, sections, out_dir, author, path):
                         "records its commands leave; the commands are shown with each output.", s["body"]),
               Spacer(1, 6), table([("item", "result"), *summary], s["body"], width)]
     for section in sections:
+        if section.code:
+            story += [NextPageTemplate("landscape"), PageBreak()]
         story += [Paragraph(escape(section.title), s["heading"]), Paragraph(escape(section.source), s["source"])]
         story += [Paragraph(escape(note), s["body"]) for note in section.notes]
         for command, lines in section.screenshots:
@@ -379,18 +386,22 @@ def write_pdf(summary, sections, out_dir, author, path):
         if section.image:
             story.append(figure(out_dir / section.image, width, A4[1] * 0.55))
         if section.code:
-            story += code_listing(section.code, s["code"], width)
+            story += [code_listing(section.code, s["code"], wide), NextPageTemplate("portrait"), PageBreak()]
 
-    def number_pages(canvas, doc):
-        canvas.setFont("Sans", 8)
-        canvas.drawRightString(A4[0] - PAGE_MARGIN, PAGE_MARGIN / 2, f"{doc.page}")
+    def template(name, size):
+        def number_page(canvas, doc):
+            canvas.setFont("Sans", 8)
+            canvas.drawRightString(size[0] - PAGE_MARGIN, PAGE_MARGIN / 2, f"{doc.page}")
+        frame = Frame(PAGE_MARGIN, PAGE_MARGIN, size[0] - 2 * PAGE_MARGIN, size[1] - 2 * PAGE_MARGIN,
+                      leftPadding=0, rightPadding=0, topPadding=0, bottomPadding=0)
+        return PageTemplate(name, frames=[frame], pagesize=size, onPage=number_page)
 
     def write(tmp):
-        doc = SimpleDocTemplate(tmp, pagesize=A4, leftMargin=PAGE_MARGIN, rightMargin=PAGE_MARGIN,
-                                topMargin=PAGE_MARGIN, bottomMargin=PAGE_MARGIN, title="CNNclassify report",
-                                author=author or "", subject=f"CNNclassify.py sha256 {C.sha256_of(C.__file__)}",
-                                creator="CNNclassify.py report", invariant=1)
-        doc.build(story, onFirstPage=number_pages, onLaterPages=number_pages)
+        doc = BaseDocTemplate(tmp, pagesize=A4, title="CNNclassify report", author=author or "",
+                              subject=f"CNNclassify.py sha256 {C.sha256_of(C.__file__)}",
+                              creator="CNNclassify.py report", invariant=1,
+                              pageTemplates=[template("portrait", A4), template("landscape", landscape(A4))])
+        doc.build(story)
     C.write_atomically(path, write)
 
 

@@ -7,7 +7,6 @@ import statistics
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +130,8 @@ def test_terminal_and_code_lines_fit_the_page():
     epoch = C.epoch_line(0, {"epoch": 15, "train_loss": 0.8123, "train_accuracy": 96.12, "test_loss": 0.6034,
                              "test_accuracy": 93.4, "seconds": 1537.0}, 15)
     assert len(epoch) <= build.mono_columns(styles["terminal"], width - 12)  # a training screenshot line is never cut
+    landscape = 841.89 - 2 * build.PAGE_MARGIN  # the code pages: every line of the script is printed whole
+    assert max(map(len, (ROOT / "CNNclassify.py").read_text().splitlines())) <= build.mono_columns(styles["code"], landscape) - 6
 
 
 @pytest.mark.skipif(shutil.which("pdftotext") is None, reason="pdftotext (poppler-utils) not installed")

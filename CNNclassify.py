@@ -129,12 +129,18 @@ def pick_device(name=None):
     return device
 
 
+def nearest_existing(folder):
+    """`folder` if it exists, else the nearest folder above it that does."""
+    folder = Path(folder).absolute()
+    return next(p for p in [folder, *folder.parents] if p.exists())
+
+
 def ensure_writable(folder):
     """Prove, before any long work, that files can be written into `folder`: a temporary file
     is made in it or, while it does not exist, in the nearest folder above that does
     (which then can create it). Nothing is left behind."""
     folder = Path(folder).absolute()
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    existing = nearest_existing(folder)
     try:
         if not existing.is_dir():
             raise NotADirectoryError(0, f"{existing} is not a folder")
@@ -161,26 +167,25 @@ ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cpu_flags():
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def cpuinfo_field(name):
+    """A field of the first processor in /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo, or what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_flags():
+    """The CPU's feature flags (empty where /proc/cpuinfo has none)."""
+    return set(cpuinfo_field("flags").split())
+
+
+def cpu_name():
+    """The CPU's model name, or what platform knows where /proc/cpuinfo has none."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def native_bfloat16_cpu():
@@ -613,6 +618,11 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
+def peak_lr(hyp):
+    """SGD's peak learning rate: it grows with the batch size (make_optimizers)."""
+    return hyp["lr_per_1024"] * (hyp["batch_size"] / 1024)
+
+
 def make_optimizers(model, hyp, dtype=torch.float32):
     """Nesterov SGD for BN biases (at a higher lr) and the head, with decay set per step
     apart from lr; Muon for the conv filters when hyp["muon_lr_per_1024"] is set.
@@ -626,7 +636,7 @@ def make_optimizers(model, hyp, dtype=torch.float32):
     biases = [p for p in trained if p.ndim == 1]
     others = [p for p in trained if p.ndim == 2 or (p.ndim == 4 and not filters)]  # head, and filters without Muon
     scale = hyp["batch_size"] / 1024
-    lr, decay = hyp["lr_per_1024"] * scale, hyp["decay_per_1024"] * scale
+    lr, decay = peak_lr(hyp), hyp["decay_per_1024"] * scale
     bias_lr = lr * hyp["bias_lr_scale"]
     groups = [{"params": biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
               {"params": others, "lr": lr, "weight_decay": decay / lr}]
@@ -796,7 +806,7 @@ def train_one_seed(data, seed, hyp, device, dtype, eval_batch, on_epoch=None):
                "test_accuracy": 100.0 * test_correct / len(test_x), "seconds": train_seconds,
                "images_per_second": len(train_x) / epoch_train_seconds}
         history.append(row)
-        check_progress(seed, row, step, hyp["batch_size"], hyp["lr_per_1024"] * hyp["batch_size"] / 1024)
+        check_progress(seed, row, step, hyp["batch_size"], peak_lr(hyp))
         if on_epoch:
             on_epoch(row)
     return average.cpu(), history, train_seconds
@@ -981,8 +991,7 @@ def ensure_space(folder, needed):
     """Refuse before training when `folder` has less than `needed` bytes free, so no
     training is thrown away at the first save."""
     folder = Path(folder).absolute()
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < needed:
         raise UserError(f"not enough space in {folder}: {megabytes(needed)} needed for the models, "
                         f"results and plot, {megabytes(free)} free; free some space or pass --model-dir")

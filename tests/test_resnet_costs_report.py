@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import CIFAR_DIR, ROOT, WEIGHTS_A, WEIGHTS_B, run_cli
+from conftest import CIFAR_DIR, WEIGHTS_A, WEIGHTS_B, run_cli
 
 
 @pytest.mark.parametrize("weights,expected,option", [(WEIGHTS_A, "91.73% (9173/10000)", "A"),

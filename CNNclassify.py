@@ -1,24 +1,24 @@
 """CNNclassify: train, test and measure a CIFAR-10 CNN from one script.
 
-    python CNNclassify.py train [--seeds 0 1 2]   train, save model/, plot accuracy
+    python CNNclassify.py train [--seeds 0 1 2]   train, save model/, plot accuracy (resumes if stopped)
     python CNNclassify.py train --budget 900      as many epochs as fit in 900 s here
     python CNNclassify.py test IMAGE              predict a photo, save CONV_rslt.png
     python CNNclassify.py resnet20                accuracy of a pretrained ResNet-20
     python CNNclassify.py profile                 MACs and parameters (THOP)
     python CNNclassify.py speed                   single-image inference time
-    python CNNclassify.py report --author NAME    report/report.md and report.pdf
-    python CNNclassify.py submit LAST FIRST       LAST_FIRST_HW2.zip to hand in, checked
 
-The file reads top to bottom: settings, helpers, data, models, training, number format,
-prediction and visualisation, ResNet-20, costs, hand-in, command line. The report and the
-zip are built by report/build.py beside it.
+The file reads top to bottom: settings, data and loader, model, training, evaluation and
+prediction, test and CONV_rslt, ResNet-20, costs, command line, then the machinery around
+them (number format, machine, files). The report and the zip to hand in are made by
+report/build.py beside it: python report/build.py report|submit.
 """
 
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
-import importlib.util
+import inspect
 import itertools
 import json
 import os
@@ -47,7 +47,7 @@ MODEL_DIR = ROOT / "model"
 MAIN_MODEL = "cnn.pt"
 RESULTS_FILE = "results.json"
 RECORDS_DIR = MODEL_DIR / "records"
-REPORT_DIR = ROOT / "report"
+IMAGE_DIR = ROOT / "test_images"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 
@@ -57,51 +57,56 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST_FILE = "test_batch"
 
-# The training recipe. Most of it follows airbench94 and airbench94_muon (Keller Jordan,
-# arXiv 2404.00498) and David Page's "How to train your ResNet": a frozen patch-whitening
-# first layer, BatchNorm with only a bias, GELU, label smoothing, Muon for the conv filters
-# and Nesterov SGD for the rest, a short warm-up and a linear decay, alternating flips,
-# 2-pixel translations and flip test-time augmentation; what is evaluated and saved is a
-# moving average of the weights. The number format is chosen per machine (choose_format),
-# the batch size and epochs per kind of device (DEVICE_DEFAULTS).
-HYPERPARAMETERS = {
-    "lr_per_1024": 1.5,       # peak lr of the batch-mean loss is this x batch_size / 1024
-    "bias_lr_scale": 64.0,    # BatchNorm biases learn this much faster (airbench94)
-    "momentum": 0.85,
-    "decay_per_1024": 2e-3,   # weight decay per step at peak lr is this x batch_size / 1024
-    "warmup_fraction": 0.2,   # lr rises from 0.2x to 1x over this share of steps
-    "label_smoothing": 0.2,
-    "translate": 2,           # random shift in pixels, reflect padding
-    "widths": (64, 128, 256),
-    "bn_momentum": 0.4,
-    "logit_scale": 1 / 9,
-    "average_decay": 0.98,    # evaluated and saved weights: moving average of the trained ones
-    "whitening_images": 5000,
-    "whitening": ((2, 12), (5, 4)),   # (patch size, directions) that fill conv1, see set_whitening
-    "muon_lr_per_1024": 0.17,  # Muon for the conv filters when set (0: SGD), see make_optimizers
-    "muon_momentum": 0.6,
-}
 
-# What differs by kind of device: the batch that keeps it busy, the epochs for that batch,
-# and the evaluation batch. A 2-core CPU is fastest with small batches (bench/throughput.py:
-# evaluation in batches of 64 runs 1.9x faster than in batches of 1000); a GPU needs
-# large ones to fill it (issue #16: batch 1024 gave 93.46% on an H200).
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The training recipe. Most of it follows airbench94 and airbench94_muon (Keller Jordan,
+    arXiv 2404.00498) and David Page's "How to train your ResNet": a frozen patch-whitening
+    first layer, BatchNorm with only a bias, GELU, label smoothing, Muon for the conv filters
+    and Nesterov SGD for the rest, a short warm-up and a linear decay, alternating flips,
+    2-pixel translations and flip test-time augmentation; what is evaluated and saved is a
+    moving average of the weights. Replaced (dataclasses.replace), never changed in place."""
+    batch_size: int = 256
+    epochs: int = 15
+    eval_batch: int = 64
+    lr_per_1024: float = 1.5       # peak lr of the batch-mean loss is this x batch_size / 1024
+    bias_lr_scale: float = 64.0    # BatchNorm biases learn this much faster (airbench94)
+    momentum: float = 0.85
+    decay_per_1024: float = 2e-3   # weight decay per step at peak lr is this x batch_size / 1024
+    warmup_fraction: float = 0.2   # lr rises from 0.2x to 1x over this share of steps
+    label_smoothing: float = 0.2
+    translate: int = 2             # random shift in pixels, reflect padding
+    widths: tuple = (64, 128, 256)
+    bn_momentum: float = 0.4
+    logit_scale: float = 1 / 9
+    average_decay: float = 0.98    # evaluated and saved weights: moving average of the trained ones
+    whitening_images: int = 5000
+    whitening: tuple = ((2, 12), (5, 4))  # (patch size, directions) that fill conv1, see set_whitening
+    muon_lr_per_1024: float = 0.17  # Muon for the conv filters when set (0: SGD), see make_optimizers
+    muon_momentum: float = 0.6
+
+
+RECIPE = Recipe()
+
+# What differs by kind of device: the batch that keeps it busy, the epochs for that batch and
+# the evaluation batch. A 2-core CPU is fastest with small batches (bench/throughput.py:
+# evaluation in batches of 64 runs 1.9x faster than in batches of 1000); a GPU needs large
+# ones to fill it (batch 1024 gave 93.46% on an H200).
 DEVICE_DEFAULTS = {
     "cpu": {"batch_size": 256, "epochs": 15, "eval_batch": 64},
     "gpu": {"batch_size": 1024, "epochs": 15, "eval_batch": 2000},
 }
 
-MAX_BUDGET = 7 * 24 * 3600  # --budget above a week is a typo, not a plan
 
-# ----------------------------------------------------------------------------- helpers
+def recipe_for(device, batch_size=None, epochs=None):
+    """RECIPE with the batch size and epochs given, or those of the device's kind."""
+    defaults = DEVICE_DEFAULTS[device_class(device)]
+    return dataclasses.replace(RECIPE, batch_size=batch_size or defaults["batch_size"],
+                               epochs=epochs or defaults["epochs"], eval_batch=defaults["eval_batch"])
+
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2, no traceback."""
-
-
-def first_line(error):
-    """An exception's message cut to its first line, for one-line errors."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def log(message):
@@ -109,179 +114,7 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def pick_device(name=None):
-    """The named device, checked to be present, or the fastest present: CUDA, Apple MPS, CPU."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:N or mps)") from None
-    present = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
-               "mps": lambda: getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()}
-    if not present.get(device.type, lambda: False)() or (
-            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {name}: no such device on this machine")
-    return device
-
-
-def nearest_existing(folder):
-    """`folder` if it exists, else the nearest folder above it that does."""
-    folder = Path(folder).absolute()
-    return next(p for p in [folder, *folder.parents] if p.exists())
-
-
-def ensure_writable(folder):
-    """Prove, before any long work, that files can be written into `folder`: a temporary file
-    is made in it or, while it does not exist, in the nearest folder above that does
-    (which then can create it). Nothing is left behind."""
-    folder = Path(folder).absolute()
-    existing = nearest_existing(folder)
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(0, f"{existing} is not a folder")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UserError(f"cannot write into {folder} ({error.strerror or first_line(error)})") from None
-
-
-def device_class(device):
-    """"cpu" or "gpu": the key of DEVICE_DEFAULTS (CUDA and Apple MPS count as GPUs)."""
-    return "cpu" if device.type == "cpu" else "gpu"
-
-
-def synchronize(device):
-    """Wait for the device's queued work, so a clock reading means something."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpuinfo_field(name):
-    """A field of the first processor in /proc/cpuinfo ("" where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == name:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def cpu_flags():
-    """The CPU's feature flags (empty where /proc/cpuinfo has none)."""
-    return set(cpuinfo_field("flags").split())
-
-
-def cpu_name():
-    """The CPU's model name, or what platform knows where /proc/cpuinfo has none."""
-    return cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
-def native_bfloat16_cpu():
-    """Whether oneDNN can compute bfloat16 in hardware here: AVX512_BF16 or AMX, and not
-    capped below them by ONEDNN_MAX_CPU_ISA. Elsewhere it emulates bfloat16, 2-25x slower
-    than float32 (bench/precision.py), although torch still calls bfloat16 "supported".
-    Having the instructions does not make bfloat16 faster (issue #16: an Intel Xeon with
-    AVX512_BF16 trains slower in it), so this only makes it a candidate for choose_format."""
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
-    return not capped and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def precision_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-def set_seed(seed):
-    """Seed every generator the training touches: python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def machine_description(device, dtype):
-    """What ran a command, stored beside each result so numbers keep their context."""
-    described = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                 "cpu_bfloat16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-                 "precision": precision_name(dtype)}
-    if device.type == "cuda":
-        described["gpu"] = torch.cuda.get_device_name(device)
-        described["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    return described
-
-
-def write_atomically(path, write):
-    """Call write(tmp_path), then rename over path: a crash never leaves half a file, and a
-    full disk or a failing writer is a UserError naming the folder, with the old file kept."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-        os.close(fd)
-    except OSError as error:
-        raise UserError(f"cannot write into {path.parent} ({error.strerror or first_line(error)})") from None
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as a RuntimeError
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        if os.path.exists(tmp):
-            os.remove(tmp)  # before measuring what is free
-        free = shutil.disk_usage(path.parent).free
-        raise UserError(f"could not write {path.name} into {path.parent} ({megabytes(free)} free, "
-                        f"{megabytes(written)} written before it failed: {first_line(error)}); "
-                        "free some space or choose another folder; the previous file is kept") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def megabytes(count):
-    return f"{count / 1e6:.1f} MB"
-
-
-def copy_atomically(source, path):
-    write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
-
-
-def write_json(path, data):
-    def write(tmp):
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
-    write_atomically(path, write)
-
-
-def invocation(args):
-    return "python CNNclassify.py " + shlex.join(args.argv)
-
-
-def save_record(args, name, lines, data, device, dtype):
-    """Keep what a command printed, its numbers, the command and the machine, for `report`."""
-    write_json(Path(args.records_dir) / f"{name}.json",
-               {"command": invocation(args), "machine": machine_description(device, dtype),
-                "output": lines, **data})
-
-
-def progress(iterable, total, description):
-    """A progress bar on stderr when a person watches it (a terminal); else the iterable."""
-    return tqdm(iterable, total=total, desc=description, leave=False, disable=not sys.stderr.isatty())
-
-
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data and loader
 
 class BatchUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays)
@@ -297,11 +130,8 @@ class BatchUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path):
-    """One pickled CIFAR-10 batch -> (uint8 N x 3 x 32 x 32, int64 labels), checked.
-
-    Official files have bytes keys under encoding="bytes"; copies made with latin1 have
-    str keys. Both are accepted. Any problem is a UserError naming the file.
-    """
+    """One pickled CIFAR-10 batch -> (uint8 N x 3 x 32 x 32, int64 labels), checked. Official
+    files have bytes keys, copies made with latin1 str keys: both are read."""
     try:
         with open(path, "rb") as f:
             batch = BatchUnpickler(f, encoding="bytes").load()
@@ -316,8 +146,7 @@ def read_cifar_batch(path):
     if not (isinstance(labels, list) and len(labels) == len(data)
             and all(isinstance(label, int) and 0 <= label < len(CLASSES) for label in labels)):
         raise UserError(f"{path}: 'labels' is not a list of {len(data)} integers from 0 to {len(CLASSES) - 1}")
-    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return images, torch.tensor(labels, dtype=torch.int64)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
 
 
 def cifar_present(data_dir):
@@ -327,9 +156,7 @@ def cifar_present(data_dir):
 
 def ensure_cifar(data_dir, url=None, md5=None):
     """Download and unpack the official archive (MD5 checked) unless the batches are there.
-
-    Per-file checksums are not checked: a local copy may be rebuilt in another order.
-    """
+    Per-file checksums are not checked: a local copy may be rebuilt in another order."""
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir}: is a file, not a folder; give the folder that holds "
                         f"{CIFAR_FOLDER}/ (or a new one to download it into)")
@@ -353,8 +180,12 @@ def load_cifar(data_dir, url=None, md5=None):
     folder = Path(data_dir) / CIFAR_FOLDER
     parts = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN_FILES]
     test = read_cifar_batch(folder / CIFAR_TEST_FILE)
-    train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-    return {"train": train, "test": test}
+    return {"train": (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])), "test": test}
+
+
+def take_subset(data, subset):
+    """The first `subset` train and test images (all with 0), for quick checks."""
+    return {part: (x[:subset], y[:subset]) if subset else (x, y) for part, (x, y) in data.items()}
 
 
 def to_float(images):
@@ -368,8 +199,8 @@ def flip_half(images, flip_mask):
 
 
 def translate(images, offsets, shift):
-    """Shift image i by (offsets[0, i] - shift, offsets[1, i] - shift) pixels, reflect
-    padding: one gather for the whole batch, on whatever device holds it."""
+    """Shift image i by (offsets[0, i] - shift, offsets[1, i] - shift) pixels, reflect padding:
+    one gather for the whole batch, on whatever device holds it."""
     if shift == 0:
         return images
     n, channels, h, w = images.shape
@@ -381,14 +212,12 @@ def translate(images, offsets, shift):
 
 
 class Loader:
-    """The training set as uint8 tensors on the device, with the epoch's shuffling, flips
-    and translations done there, a whole batch at a time, so an accelerator never waits
-    for the host. The random numbers come from one CPU generator, drawn once per epoch
-    (a single copy to the device), so a seed gives the same batches on every device.
-
-    Flips alternate (airbench): an image flipped in one epoch is unflipped in the next,
-    so every pair of epochs sees both views; the first epoch's choice is random.
-    """
+    """The training set as uint8 tensors on the device, with the epoch's shuffling, flips and
+    translations done there a whole batch at a time, so an accelerator never waits for the
+    host. The random numbers come from one CPU generator, drawn once per epoch (one copy to
+    the device), so a seed gives the same batches on every device, and saving the generator's
+    state is enough to resume. Flips alternate (airbench): an image flipped in one epoch is
+    unflipped in the next, so every pair of epochs sees both views."""
 
     def __init__(self, images, labels, batch_size, shift, seed, device):
         self.images, self.labels = images.to(device), labels.to(device)
@@ -401,16 +230,15 @@ class Loader:
         return -(-len(self.images) // self.batch_size)
 
     def draw(self):
-        """One epoch's order and per-image offsets, drawn batch by batch as earlier versions
-        of this trainer drew them, so a seed still gives the shipped model's batches."""
+        """One epoch's order and per-image offsets; the offsets are drawn batch by batch, the
+        order of draws that made the shipped model."""
         order = torch.randperm(len(self.images), generator=self.generator)
         offsets = [torch.randint(0, 2 * self.shift + 1, (2, len(index)), generator=self.generator)
                    for index in order.split(self.batch_size)] if self.shift else [torch.zeros(2, 0, dtype=torch.int64)]
         return order.to(self.device), torch.cat(offsets, 1).to(self.device)
 
     def epoch(self, number):
-        """Yield (images, labels) batches of epoch `number` (from 0): floats in [0, 1],
-        channels_last, augmented."""
+        """Batches (images, labels) of epoch `number` (from 0): floats in [0, 1], channels_last, augmented."""
         order, offsets = self.draw()
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
@@ -419,14 +247,7 @@ class Loader:
             yield batch.contiguous(memory_format=torch.channels_last), self.labels[index]
 
 
-# ----------------------------------------------------------------------------- models
-
-def conv_block(cin, cout, bn_momentum):
-    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU; each call halves the size."""
-    return nn.Sequential(
-        conv3x3(cin, cout), nn.MaxPool2d(2), batch_norm(cout, bn_momentum), nn.GELU(),
-        conv3x3(cout, cout), batch_norm(cout, bn_momentum), nn.GELU())
-
+# ----------------------------------------------------------------------------- model
 
 def conv3x3(cin, cout):
     """3x3 conv whose first filters start as the identity (airbench's partial dirac init)."""
@@ -443,19 +264,26 @@ def batch_norm(channels, momentum):
     return bn
 
 
-class CNN(nn.Module):
-    """Our CIFAR-10 classifier. Takes RGB floats in [0, 1], N x 3 x 32 x 32.
+def conv_block(cin, cout, bn_momentum):
+    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU; each block halves the size."""
+    return nn.Sequential(
+        conv3x3(cin, cout), nn.MaxPool2d(2), batch_norm(cout, bn_momentum), nn.GELU(),
+        conv3x3(cout, cout), batch_norm(cout, bn_momentum), nn.GELU())
 
-    conv1 is the assignment's fixed first layer: Conv2d(3, 32, 5, stride 1, no padding).
-    Its weights are set from the training data (whitening, see set_whitening) and not
-    trained. Three conv blocks and a linear head follow. In eval mode the prediction
-    averages the image and its mirror (test-time augmentation), so load_cnn() gives
-    exactly the accuracy that training reports.
+
+class CNN(nn.Module):
+    """Our CIFAR-10 classifier: RGB floats in [0, 1], N x 3 x 32 x 32 -> logits.
+
+    conv1 is the assignment's fixed first layer: Conv2d(3, 32, 5, stride 1, no padding). Its
+    weights are set from the training data (set_whitening) and not trained. Three conv blocks
+    and a linear head follow, computing in `compute_dtype` (autocast). The input is
+    normalised inside, with the statistics the model was trained with.
     """
 
     def __init__(self, widths, bn_momentum, logit_scale, compute_dtype=torch.float32,
                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
         super().__init__()
+        self.settings = {"widths": list(widths), "bn_momentum": bn_momentum, "logit_scale": logit_scale}
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.conv1 = nn.Conv2d(3, 32, kernel_size=5, stride=1, padding=0)
@@ -464,35 +292,42 @@ class CNN(nn.Module):
         self.blocks = nn.Sequential(*[conv_block(cin, cout, bn_momentum) for cin, cout in zip(channels, widths)])
         self.head = nn.Linear(widths[-1], len(CLASSES), bias=False)
         self.logit_scale = logit_scale
-        self.compute_dtype = compute_dtype  # of the layers after conv1 (autocast)
+        self.compute_dtype = compute_dtype
 
     def first_layer(self, x):
         """Normalised input through conv1, kept in float32: what CONV_rslt.png shows."""
         return self.conv1((x - self.mean) / self.std)
 
-    def classify(self, features):
+    def forward(self, x):
         autocast = self.compute_dtype != torch.float32
-        with torch.autocast(features.device.type, dtype=self.compute_dtype, enabled=autocast):
-            x = self.blocks(F.gelu(features))
-            x = F.adaptive_max_pool2d(x, 1).flatten(1)
-            return self.head(x).float() * self.logit_scale
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=autocast):
+            features = self.blocks(F.gelu(self.first_layer(x)))
+            return self.head(F.adaptive_max_pool2d(features, 1).flatten(1)).float() * self.logit_scale
+
+
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the CNN's logits averaged over the image and its mirror image,
+    both in one batch. What `test`, evaluation and load_cnn() give; training uses one view."""
+
+    def __init__(self, cnn):
+        super().__init__()
+        self.cnn = cnn
 
     def forward(self, x):
-        if self.training:
-            return self.classify(self.first_layer(x))
-        both = self.first_layer(torch.cat([x, x.flip(-1)]))
-        logits = self.classify(both)
+        logits = self.cnn(torch.cat([x, x.flip(-1)]))
         return (logits[:len(x)] + logits[len(x):]) / 2
 
-    def settings(self):
-        """What it takes to rebuild this model from its state dict."""
-        return {"widths": [block[0].out_channels for block in self.blocks],
-                "bn_momentum": self.blocks[0][2].momentum, "logit_scale": self.logit_scale}
+
+def build_cnn(recipe=RECIPE, dtype=torch.float32, mean=None, std=None):
+    """A CNN of the recipe's widths in channels_last (the fast layout on CPUs)."""
+    normalisation = {"mean": mean, "std": std} if mean is not None else {}
+    model = CNN(recipe.widths, recipe.bn_momentum, recipe.logit_scale, dtype, **normalisation)
+    return model.to(memory_format=torch.channels_last)
 
 
 def whitening_directions(x, size, count, eps):
-    """The `count` strongest directions of the size x size patches of x, each divided by
-    the square root of its variance: filters whose outputs are decorrelated, unit-variance."""
+    """The `count` strongest directions of the size x size patches of x, each divided by the
+    square root of its variance: filters whose outputs are decorrelated, unit-variance."""
     patches = F.unfold(x, kernel_size=size).transpose(1, 2).reshape(-1, 3 * size * size)
     patches = patches - patches.mean(0)
     covariance = patches.T @ patches / len(patches)
@@ -505,11 +340,11 @@ def whitening_directions(x, size, count, eps):
 def set_whitening(model, images, whitening, eps=5e-4):
     """Make conv1 a patch-whitening filter bank (airbench; idea from Page's ResNet series).
 
-    `whitening` lists (patch size, directions): for each, the strongest directions of the
-    normalised training patches of that size, scaled to unit variance and placed at the
-    centre of the 5x5 kernel. The filters and their negatives fill the 32 channels, so
-    after GELU each pair acts like one linear, decorrelated feature. All 12 directions of
-    the 2x2 patches keep every pixel's detail; a few 5x5 directions add context.
+    For each (patch size, directions) in `whitening`: the strongest directions of the
+    normalised training patches of that size, scaled to unit variance, placed at the centre
+    of the 5x5 kernel. The filters and their negatives fill the 32 channels, so after GELU
+    each pair acts like one linear, decorrelated feature. All 12 directions of the 2x2
+    patches keep every pixel's detail; a few 5x5 directions add context.
     """
     x = ((to_float(images) - model.mean) / model.std).double()
     k = model.conv1.kernel_size[0]
@@ -523,66 +358,36 @@ def set_whitening(model, images, whitening, eps=5e-4):
     model.conv1.bias.zero_()
 
 
-MODEL_SETTINGS = ("widths", "bn_momentum", "logit_scale")  # what CNN() takes besides the normalisation
-
-
-def build_cnn(settings=HYPERPARAMETERS, dtype=torch.float32, mean=None, std=None):
-    """A CNN in channels_last (the fast layout on CPUs), from hyperparameters or a checkpoint's
-    settings, computing in `dtype` after conv1; mean and std default to the constructor's."""
-    normalisation = {"mean": mean, "std": std} if mean is not None else {}
-    model = CNN(**{k: settings[k] for k in MODEL_SETTINGS}, compute_dtype=dtype, **normalisation)
-    return model.to(memory_format=torch.channels_last)
-
-
 def save_checkpoint(path, model, extra):
-    """State dict plus everything needed to use it, written atomically."""
-    checkpoint = {"state_dict": model.state_dict(), "settings": model.settings(),
-                  "classes": list(CLASSES), "mean": model.mean.flatten().tolist(),
-                  "std": model.std.flatten().tolist(), **extra}
+    """State dict plus everything needed to use it (constructor arguments, classes,
+    normalisation), written atomically."""
+    checkpoint = {"state_dict": model.state_dict(), "settings": model.settings, "classes": list(CLASSES),
+                  "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), **extra}
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_torch_file(path, missing_message):
-    """torch.load(weights_only=True) of a local file: tensors and plain data, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(missing_message)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # torch's advice to retry with weights_only=False is not repeated
-        if "Unsupported global" in str(error):
-            raise UserError(f"{path}: holds objects other than tensors and plain data; refused, "
-                            "since loading it would run code") from None
-        detail = first_line(str(error).split("WeightsUnpickler error:")[-1])
-        raise UserError(f"{path}: not a readable PyTorch file ({detail})") from None
-    except Exception as error:
-        raise UserError(f"{path}: not a readable PyTorch file ({first_line(error)})") from None
-
-
 def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
-    """The trained CNN from model/ (or `path`) in eval mode, on `device`, computing in
-    `dtype` after conv1, whatever it was trained in.
-
-    It takes RGB floats in [0, 1], N x 3 x 32 x 32: normalisation is inside.
-    """
+    """The trained CNN from model/ (or `path`) with flip test-time augmentation (FlipAverage),
+    in eval mode, on `device`, computing in `dtype` after conv1, whatever it was trained in:
+    called on RGB floats in [0, 1], N x 3 x 32 x 32, it gives the predictions `train` scored."""
     path = path or MODEL_DIR / MAIN_MODEL
     checkpoint = load_torch_file(path, f"no trained model at {path}; run `python CNNclassify.py train` first")
     if not (isinstance(checkpoint, dict) and {"state_dict", "settings", "mean", "std"} <= checkpoint.keys()):
         raise UserError(f"{path}: not a model saved by `CNNclassify.py train`")
     try:
-        model = build_cnn(checkpoint["settings"], dtype, checkpoint["mean"], checkpoint["std"])
+        model = CNN(**checkpoint["settings"], compute_dtype=dtype, mean=checkpoint["mean"], std=checkpoint["std"])
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: its weights do not fit the CNN it describes ({first_line(error)})") from None
-    return model.to(device).eval()
+    return FlipAverage(model.to(memory_format=torch.channels_last)).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- training
 
 def orthogonalize(matrix, steps=3, eps=1e-7):
-    """Roughly U V^T of matrix = U S V^T: every singular value pushed towards 1 by a quintic
-    Newton-Schulz iteration (Muon's; its singular values land in about 0.5-1.5, which
-    trains as well as exact orthogonalisation and costs three pairs of matmuls)."""
+    """Roughly U V^T of matrix = U S V^T: every singular value pushed towards 1 by Muon's
+    quintic Newton-Schulz iteration (they land in about 0.5-1.5, which trains as well as exact
+    orthogonalisation and costs three pairs of matmuls)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix / (matrix.norm() + eps)
     wide = x.size(0) <= x.size(1)
@@ -594,11 +399,11 @@ def orthogonalize(matrix, steps=3, eps=1e-7):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan, 2024) for conv filters: Nesterov momentum whose update, with each
-    filter bank seen as an out x (in*k*k) matrix, is orthogonalised, so every direction of
-    the gradient moves at the same speed. The weights are rescaled to a fixed norm before
-    each step, so the learning rate sets an angle and no weight decay is needed.
-    `dtype` is the format of the Newton-Schulz matmuls (bfloat16 where that is fast)."""
+    """Muon (Keller Jordan, 2024) for conv filters: Nesterov momentum whose update, each filter
+    bank seen as an out x (in*k*k) matrix, is orthogonalised, so every direction of the
+    gradient moves at the same speed. The weights are rescaled to a fixed norm before each
+    step, so the learning rate sets an angle and no weight decay is needed. `dtype` is the
+    format of the Newton-Schulz matmuls (bfloat16 where that is fast)."""
 
     def __init__(self, params, lr, momentum, dtype=torch.float32):
         super().__init__(params, {"lr": lr, "momentum": momentum})
@@ -618,49 +423,32 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
-def peak_lr(hyp):
-    """SGD's peak learning rate: it grows with the batch size (make_optimizers)."""
-    return hyp["lr_per_1024"] * (hyp["batch_size"] / 1024)
+def peak_lr(recipe):
+    """SGD's peak learning rate: it grows with the batch size, as in airbench, so
+    --batch-size alone keeps the per-example step and the decay per epoch."""
+    return recipe.lr_per_1024 * (recipe.batch_size / 1024)
 
 
-def make_optimizers(model, hyp, dtype=torch.float32):
-    """Nesterov SGD for BN biases (at a higher lr) and the head, with decay set per step
-    apart from lr; Muon for the conv filters when hyp["muon_lr_per_1024"] is set.
-
-    SGD's lr and decay grow with the batch size, as in airbench, so --batch-size alone
-    keeps the per-example step and the decay per epoch; Muon's lr, an angle per step,
-    grows with its square root (the noise of an orthogonalised update falls that way).
-    """
+def make_optimizers(model, recipe, dtype=torch.float32):
+    """Nesterov SGD for BN biases (at a higher lr) and the head, with decay set per step apart
+    from lr; Muon for the conv filters when recipe.muon_lr_per_1024 is set. Muon's lr, an
+    angle per step, grows with the square root of the batch (so does its update's noise).
+    Each group keeps its peak lr, which the schedule scales (lr_factor)."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    filters = [p for p in trained if p.ndim == 4] if hyp["muon_lr_per_1024"] else []
+    filters = [p for p in trained if p.ndim == 4] if recipe.muon_lr_per_1024 else []
     biases = [p for p in trained if p.ndim == 1]
     others = [p for p in trained if p.ndim == 2 or (p.ndim == 4 and not filters)]  # head, and filters without Muon
-    scale = hyp["batch_size"] / 1024
-    lr, decay = peak_lr(hyp), hyp["decay_per_1024"] * scale
-    bias_lr = lr * hyp["bias_lr_scale"]
+    scale = recipe.batch_size / 1024
+    lr, decay = peak_lr(recipe), recipe.decay_per_1024 * scale
+    bias_lr = lr * recipe.bias_lr_scale
     groups = [{"params": biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
               {"params": others, "lr": lr, "weight_decay": decay / lr}]
-    optimizers = [torch.optim.SGD(groups, momentum=hyp["momentum"], nesterov=True)]
+    optimizers = [torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)]
     if filters:
-        optimizers.append(Muon(filters, hyp["muon_lr_per_1024"] * scale ** 0.5, hyp["muon_momentum"], dtype))
+        optimizers.append(Muon(filters, recipe.muon_lr_per_1024 * scale ** 0.5, recipe.muon_momentum, dtype))
+    for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+        group["peak_lr"] = group["lr"]
     return optimizers
-
-
-@torch.no_grad()
-def update_average(average, model, step, decay):
-    """Move `average` towards `model`: an exponential moving average of the weights.
-
-    The trained weights jitter at the peak learning rate, and their average is a much
-    better model (Polyak averaging; airbench94's lookahead plays the same role). The
-    decay ramps up as (1 + step) / (10 + step), as in TensorFlow's
-    ExponentialMovingAverage, so early steps are not held back by the initial weights.
-    BatchNorm's running statistics are averaged the same way.
-    """
-    weight = 1 - min(decay, (1 + step) / (10 + step))
-    pairs = [(a, m) for a, m in zip(list(average.parameters()) + list(average.buffers()),
-                                    list(model.parameters()) + list(model.buffers()))
-             if a.is_floating_point()]
-    torch._foreach_lerp_([a for a, _ in pairs], [m for _, m in pairs], weight)
 
 
 def lr_factor(step, total_steps, warmup_fraction):
@@ -672,75 +460,110 @@ def lr_factor(step, total_steps, warmup_fraction):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size):
-    """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images,
-    which lie on the model's device; the host waits for the device once, at the end."""
-    model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for start in progress(range(0, len(images), batch_size), -(-len(images) // batch_size), "evaluating"):
-        x = to_float(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
-        y = labels[start:start + batch_size]
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    return total_loss.item() / len(images), int(correct)
+def update_average(average, model, step, decay):
+    """Move `average` towards `model`: an exponential moving average of the weights and of
+    BatchNorm's statistics. The trained weights jitter at the peak learning rate; their
+    average is a much better model (Polyak averaging; airbench94's lookahead plays the same
+    role). The decay ramps up as (1 + step) / (10 + step), as in TensorFlow's
+    ExponentialMovingAverage, so early steps are not held back by the initial weights."""
+    weight = 1 - min(decay, (1 + step) / (10 + step))
+    pairs = [(a, m) for a, m in zip(list(average.parameters()) + list(average.buffers()),
+                                    list(model.parameters()) + list(model.buffers()))
+             if a.is_floating_point()]
+    torch._foreach_lerp_([a for a, _ in pairs], [m for _, m in pairs], weight)
 
 
-def epoch_line(seed, row, epochs):
-    """The line `train` prints after each epoch (the report rebuilds it from history)."""
-    return (f"seed {seed} epoch {row['epoch']:2d}/{epochs}  train loss {row['train_loss']:.4f}"
-            f"  train acc {row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f}"
-            f"  test acc {row['test_accuracy']:6.2f}%  {row['seconds']:6.1f}s")
+class Run:
+    """One seed's training as it stands: the model and its moving average, the optimizers, the
+    float16 loss scaler, the loader (its generator), the step, the history and the seconds so
+    far. state_dict() is what a progress file keeps, enough to go on bit for bit."""
 
-
-def seed_table(results):
-    """The table `train` ends with: seed -> final test accuracy, then mean and std."""
-    lines = ["seed  test accuracy (%)  train seconds"]
-    lines += [f"{run['seed']:4d}  {run['test_accuracy']:17.2f}  {run['train_seconds']:13.1f}" for run in results["runs"]]
-    lines.append(f"mean {results['mean']:.2f}%  std {results['std']:.2f} (numpy.std over {len(results['runs'])} seeds)")
-    return lines
-
-
-def take_subset(data, subset):
-    """The first `subset` train and test images (all with 0), for quick checks."""
-    return {part: (x[:subset], y[:subset]) if subset else (x, y) for part, (x, y) in data.items()}
-
-
-class Optimiser:
-    """What a training step needs besides the model and the batch: the optimizers
-    (make_optimizers), their warm-up and decay (lr_factor), label smoothing and, for
-    float16 only, a loss scaler that keeps small gradients from flushing to zero."""
-
-    def __init__(self, model, hyp, total_steps, device, dtype):
-        self.optimizers = make_optimizers(model, hyp, torch.float32 if dtype == torch.float16 else dtype)
-        self.schedules = [torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total_steps, hyp["warmup_fraction"])) for optimizer in self.optimizers]
+    def __init__(self, train, seed, recipe, device, dtype):
+        set_seed(seed)
+        images, labels = train
+        pixels = to_float(images).transpose(0, 1).reshape(3, -1)
+        self.model = build_cnn(recipe, dtype, mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
+        set_whitening(self.model, images[:recipe.whitening_images], recipe.whitening)
+        self.model.to(device)
+        self.optimizers = make_optimizers(self.model, recipe, torch.float32 if dtype == torch.float16 else dtype)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.label_smoothing = hyp["label_smoothing"]
+        self.loader = Loader(images, labels, recipe.batch_size, recipe.translate, seed, device)
+        self.average = copy.deepcopy(self.model).requires_grad_(False)
+        self.recipe, self.seed, self.device = recipe, seed, device
+        self.total_steps = recipe.epochs * len(self.loader)
+        self.step, self.history, self.seconds = 0, [], 0.0
 
-    def step(self, model, x, y):
-        """One optimisation step on a batch; returns its logits and loss, left on the device."""
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        model.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        for optimizer, schedule in zip(self.optimizers, self.schedules):
-            self.scaler.step(optimizer)
-            schedule.step()
-        self.scaler.update()
-        return logits, loss
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "average": self.average.state_dict(),
+                "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+                "scaler": self.scaler.state_dict(), "generator": self.loader.generator.get_state(),
+                "step": self.step, "history": self.history, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.average.load_state_dict(state["average"])
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.generator.set_state(state["generator"])
+        self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
 
 
-def start_training(train_x, hyp, device, dtype):
-    """A fresh model (normalisation and whitening from train_x) on `device`, computing in
-    `dtype` after conv1, and its Optimiser for hyp["epochs"] epochs of hyp["batch_size"]."""
-    pixels = to_float(train_x).transpose(0, 1).reshape(3, -1)
-    model = build_cnn(hyp, dtype, mean=pixels.mean(1).tolist(), std=pixels.std(1).tolist())
-    set_whitening(model, train_x[:hyp["whitening_images"]], hyp["whitening"])
-    model.to(device)
-    total_steps = hyp["epochs"] * -(-len(train_x) // hyp["batch_size"])
-    return model, Optimiser(model, hyp, total_steps, device, dtype)
+def train_steps(run, batches):
+    """The training loop: forward, loss, backward, learning rate, step, moving average, for each
+    batch. Loss and correct counts stay on the device (no host sync inside an epoch)."""
+    run.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)
+    for x, y in batches:
+        logits = run.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=run.recipe.label_smoothing)
+        run.model.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        factor = lr_factor(run.step, run.total_steps, run.recipe.warmup_fraction)
+        for optimizer in run.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            run.scaler.step(optimizer)
+        run.scaler.update()
+        run.step += 1
+        update_average(run.average, run.model, run.step, run.recipe.average_decay)
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum, correct
+
+
+def train_seed(data, seed, recipe, device, dtype, on_epoch=None, progress=None):
+    """Train one model for recipe.epochs epochs on `device`, computing in `dtype` after conv1;
+    returns the moving average of its weights (on the CPU), the per-epoch history and the
+    training seconds, evaluation included. progress(run) is called after each epoch, and may
+    restore a saved run first (progress.resume); on_epoch(row) after that. A failed run
+    (check_progress) raises TrainingFailed. Train loss and accuracy are the trained
+    weights' on their augmented batches; test figures are the average's, with flip TTA."""
+    run = Run(data["train"], seed, recipe, device, dtype)
+    if progress:
+        progress.resume(run)
+    test_x, test_y = (t.to(device) for t in data["test"])
+    train_count = len(data["train"][0])
+    for epoch in range(len(run.history), recipe.epochs):
+        start = time.perf_counter()
+        batches = progress_bar(run.loader.epoch(epoch), len(run.loader), f"seed {seed} epoch {epoch + 1}/{recipe.epochs}")
+        loss_sum, correct = train_steps(run, batches)
+        synchronize(device)
+        epoch_train_seconds = time.perf_counter() - start
+        test_loss, test_correct = evaluate(FlipAverage(run.average), test_x, test_y, recipe.eval_batch)
+        run.seconds += time.perf_counter() - start
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / train_count,
+               "train_accuracy": 100.0 * int(correct) / train_count, "test_loss": test_loss,
+               "test_accuracy": 100.0 * test_correct / len(test_x), "seconds": run.seconds,
+               "images_per_second": train_count / epoch_train_seconds}
+        run.history.append(row)
+        check_progress(seed, row, run.step, recipe.batch_size, peak_lr(recipe))
+        if progress:
+            progress.save(run)
+        if on_epoch:
+            on_epoch(row)
+    return run.average.cpu(), run.history, run.seconds
 
 
 class TrainingFailed(UserError):
@@ -751,9 +574,9 @@ CHANCE_CHECK_STEPS = 100  # by then the recipe is far above chance on CIFAR-10 (
 
 
 def check_progress(seed, row, steps, batch_size, lr):
-    """Stop a failed run after the epoch that shows it, before its model can be saved: a
-    loss that is not finite or has exploded (always guessing costs ln 10 = 2.3), or test
-    accuracy still near chance (10%) after CHANCE_CHECK_STEPS steps."""
+    """Stop a failed run after the epoch that shows it, before its model can be saved: a loss
+    that is not finite or has exploded (always guessing costs ln 10 = 2.3), or test accuracy
+    still near chance (10%) after CHANCE_CHECK_STEPS steps."""
     chance = 100 / len(CLASSES)
     losses = (row["train_loss"], row["test_loss"])
     if all(map(np.isfinite, losses)) and row["test_loss"] < 10 * np.log(len(CLASSES)):
@@ -767,83 +590,38 @@ def check_progress(seed, row, steps, batch_size, lr):
                          "--batch-size. This seed's model was not saved")
 
 
-def train_one_seed(data, seed, hyp, device, dtype, eval_batch, on_epoch=None):
-    """Train one model from scratch for hyp["epochs"] epochs on `device`, computing in
-    `dtype` after conv1; returns it (on the CPU) with its per-epoch history and the
-    training seconds, evaluation included. on_epoch(row) is called after each epoch.
-
-    Everything stays on the device: the Loader's batches, the loss and correct counts
-    (read once per epoch) and the test set. The model returned, evaluated after each
-    epoch and saved, is the moving average of the trained weights (update_average);
-    train loss and accuracy are those of the trained weights on their augmented batches.
-    A failed run (check_progress) raises TrainingFailed.
-    """
-    set_seed(seed)
-    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
-    model, optimiser = start_training(train_x, hyp, device, dtype)
-    loader = Loader(train_x, train_y, hyp["batch_size"], hyp["translate"], seed, device)
-    test_x, test_y = test_x.to(device), test_y.to(device)
-    average = copy.deepcopy(model).requires_grad_(False)
-
-    history, train_seconds, step = [], 0.0, 0
-    for epoch in range(hyp["epochs"]):
-        start = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        for x, y in progress(loader.epoch(epoch), len(loader), f"seed {seed} epoch {epoch + 1}/{hyp['epochs']}"):
-            logits, loss = optimiser.step(model, x, y)
-            step += 1
-            update_average(average, model, step, hyp["average_decay"])
-            loss_sum += loss.detach().double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-        synchronize(device)
-        epoch_train_seconds = time.perf_counter() - start
-        test_loss, test_correct = evaluate(average, test_x, test_y, eval_batch)
-        train_seconds += time.perf_counter() - start
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / len(train_x),
-               "train_accuracy": 100.0 * int(correct) / len(train_x), "test_loss": test_loss,
-               "test_accuracy": 100.0 * test_correct / len(test_x), "seconds": train_seconds,
-               "images_per_second": len(train_x) / epoch_train_seconds}
-        history.append(row)
-        check_progress(seed, row, step, hyp["batch_size"], peak_lr(hyp))
-        if on_epoch:
-            on_epoch(row)
-    return average.cpu(), history, train_seconds
+def seconds_per_step(run, batches, warmup, clock=time.perf_counter):
+    """Mean seconds of the training steps on `batches` after `warmup` untimed ones (at least
+    one step is timed), the device waited for at both ends."""
+    batches = list(batches)
+    warmup = min(warmup, len(batches) - 1)
+    train_steps(run, batches[:warmup])
+    synchronize(run.device)
+    start = clock()
+    train_steps(run, batches[warmup:])
+    synchronize(run.device)
+    return (clock() - start) / len(batches[warmup:])
 
 
-def timed_steps(model, optimiser, batches, device, clock=time.perf_counter):
-    """Seconds of each training step on `batches`, the device waited for after each."""
-    model.train()
-    times = []
-    for x, y in batches:
-        start = clock()
-        optimiser.step(model, x, y)
-        synchronize(device)
-        times.append(clock() - start)
-    return times
-
-
-def seconds_per_epoch(data, hyp, device, dtype, eval_batch, steps=4, clock=time.perf_counter):
-    """Measured seconds of one epoch here, evaluation included: `steps` timed training
-    steps (after two untimed ones) and the evaluation of up to 1,024 test images, scaled
-    to the whole epoch. The model is thrown away, and training reseeds every generator,
-    so measuring first changes no result."""
-    (train_x, train_y), (test_x, test_y) = data["train"], data["test"]
-    model, optimiser = start_training(train_x, hyp, device, dtype)
-    loader = Loader(train_x, train_y, hyp["batch_size"], hyp["translate"], 0, device)
-    times = timed_steps(model, optimiser, itertools.islice(loader.epoch(0), steps + 2), device, clock)
-    timed = times[2:] or times[-1:]
+def seconds_per_epoch(data, recipe, device, dtype, steps=4, clock=time.perf_counter):
+    """Measured seconds of one epoch here, evaluation included: `steps` timed training steps
+    (after two untimed ones) and the evaluation of up to 1,024 test images, scaled to the
+    whole epoch; and the seconds of a seed's set-up (Run: normalisation, whitening). The run
+    is thrown away and training reseeds every generator, so measuring changes no result."""
+    start = clock()
+    run = Run(data["train"], 0, recipe, device, dtype)
+    setup = clock() - start
+    step = seconds_per_step(run, itertools.islice(run.loader.epoch(0), steps + 2), 2, clock)
+    test_x, test_y = data["test"]
     shown = min(len(test_x), 1024)
     start = clock()
-    evaluate(model, test_x[:shown].to(device), test_y[:shown].to(device), eval_batch)
-    eval_seconds = (clock() - start) * len(test_x) / max(1, shown)
-    return sum(timed) / len(timed) * len(loader) + eval_seconds
+    evaluate(FlipAverage(run.average), test_x[:shown].to(device), test_y[:shown].to(device), recipe.eval_batch)
+    return step * len(run.loader) + (clock() - start) * len(test_x) / max(1, shown), setup
 
 
 def epochs_within(budget, epoch_seconds, margin=0.95):
-    """Epochs whose run fits in `budget` seconds at `epoch_seconds` each, keeping `margin`
-    of it (timings vary a few per cent from epoch to epoch); at least one, or a UserError."""
+    """Epochs whose run fits in `budget` seconds at `epoch_seconds` each, keeping `margin` of it
+    (timings vary a few per cent from epoch to epoch); at least one, or a UserError."""
     epochs = int(margin * budget // epoch_seconds)
     if epochs < 1:
         raise UserError(f"--budget {budget:g} s is less than one epoch here (about {epoch_seconds:.0f} s "
@@ -851,224 +629,49 @@ def epochs_within(budget, epoch_seconds, margin=0.95):
     return epochs
 
 
-# ----------------------------------------------------------------------------- number format
+# ----------------------------------------------------------------------------- evaluation and prediction
 
-def candidate_formats(device):
-    """The formats worth timing here: float32 always; bfloat16 where the hardware computes
-    it natively (native_bfloat16_cpu; CUDA compute capability 8.0 or more); float16 with a
-    loss scaler on older CUDA GPUs (T4, V100, P100), whose bfloat16 is emulated although
-    torch.cuda.is_bf16_supported() says True there."""
-    if device.type == "cpu":
-        return ["float32", "bfloat16"] if native_bfloat16_cpu() else ["float32"]
-    if device.type == "cuda":
-        return ["float32", "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"]
-    return ["float32"]
-
-
-def machine_key(device):
-    """What decides which format is fastest: the processor and its flags, the oneDNN cap,
-    the threads, torch, and the GPU. The cache of choose_format is keyed by it."""
-    key = {"cpu": cpu_name(), "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16],
-           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "device": device.type}
-    if device.type == "cuda":
-        key["gpu"] = torch.cuda.get_device_name(device)
-        key["gpu_capability"] = list(torch.cuda.get_device_capability(device))
-    return json.dumps(key, sort_keys=True)
+@torch.no_grad()
+def evaluate(model, images, labels, batch_size):
+    """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images, which
+    lie on the model's device; the host waits for the device once, at the end."""
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for start in progress_bar(range(0, len(images), batch_size), -(-len(images) // batch_size), "evaluating"):
+        x = to_float(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+        y = labels[start:start + batch_size]
+        logits = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return total_loss.item() / len(images), int(correct)
 
 
-def format_cache_file():
-    """Where measured choices are kept: the user's cache folder, one file for all machines."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnclassify" / "number_formats.json"
-
-
-def read_format_cache():
-    """{machine_key: choice} from format_cache_file(); empty if missing or unreadable."""
+@torch.no_grad()
+def predict(model, x):
+    """Class probabilities (FlipAverage's) and the first conv layer's maps of the image, from
+    the same forward pass."""
+    maps = []
+    hook = model.cnn.conv1.register_forward_hook(lambda module, inputs, output: maps.append(output))
     try:
-        cache = json.loads(format_cache_file().read_text())
-        return cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def seconds_per_step(device, dtype, hyp, batch_size, warmup=1, steps=3):
-    """Mean seconds of a training step in `dtype` here, on random images (after `warmup`
-    untimed steps): what choose_format compares."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, len(CLASSES), (batch_size,), generator=generator)
-    model, optimiser = start_training(images, dict(hyp, epochs=1, batch_size=batch_size), device, dtype)
-    loader = Loader(images, labels, batch_size, hyp["translate"], 0, device)
-    batch = next(loader.epoch(0))
-    return float(np.mean(timed_steps(model, optimiser, [batch] * (warmup + steps), device)[warmup:]))
-
-
-def recipe(device, batch_size=None, epochs=None):
-    """HYPERPARAMETERS with the batch size and epochs given, or those of the device's class."""
-    defaults = DEVICE_DEFAULTS[device_class(device)]
-    return dict(HYPERPARAMETERS, batch_size=batch_size or defaults["batch_size"], epochs=epochs or defaults["epochs"])
-
-
-def training_format(device, precision, hyp):
-    """choose_format for a training run of `hyp`, timing steps of its batch size (at most 256)."""
-    return choose_format(device, precision, lambda dtype: seconds_per_step(device, dtype, hyp, min(hyp["batch_size"], 256)))
-
-
-def choose_format(device, precision, measure=None):
-    """The number format after conv1, decided once per command: the one --precision names;
-    with auto, the only candidate, or the fastest of the candidate_formats as measured by
-    measure(dtype) -> seconds per step, cached per machine (machine_key) so a machine
-    keeps its format at every run. Without `measure` (test, speed) a cached choice is used
-    where there is one, else float32. Returns the dtype and how it was chosen."""
-    if precision != "auto":
-        return PRECISIONS[precision], f"--precision {precision}"
-    candidates = candidate_formats(device)
-    if len(candidates) == 1:
-        return PRECISIONS[candidates[0]], f"auto: {candidates[0]}, the only format computed natively here"
-    key, cache = machine_key(device), read_format_cache()
-    if isinstance(cache.get(key), dict) and cache[key].get("precision") in candidates:
-        return PRECISIONS[cache[key]["precision"]], f"auto: {cache[key]['precision']}, measured earlier here ({format_cache_file()})"
-    if measure is None:
-        return torch.float32, "auto: float32 (no format measured on this machine yet; `train` measures it)"
-    seconds = {name: measure(PRECISIONS[name]) for name in candidates}
-    best = min(seconds, key=seconds.get)
-    how = f"auto: {best}, measured fastest here (" + ", ".join(f"{n} {1000 * t:.0f} ms" for n, t in seconds.items()) + " per step)"
-    try:
-        write_json(format_cache_file(), {**cache, key: {"precision": best, "seconds_per_step": seconds}})
-    except UserError as error:
-        log(f"note: the choice is not cached ({error})")
-    return PRECISIONS[best], how
-
-
-def plot_accuracy(runs, path):
-    """One plot: train and test accuracy per epoch, mean over seeds with a min-max band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label, colour in [("train_accuracy", "train", "tab:blue"), ("test_accuracy", "test", "tab:orange")]:
-        curves = np.array([[h[key] for h in run["history"]] for run in runs])
-        epochs = np.arange(1, curves.shape[1] + 1)
-        ax.plot(epochs, curves.mean(0), marker="o", color=colour, label=label)
-        if len(runs) > 1:
-            ax.fill_between(epochs, curves.min(0), curves.max(0), color=colour, alpha=0.2)
-    seeds = ", ".join(str(run["seed"]) for run in runs)
-    ax.set(xlabel="epoch", ylabel="accuracy (%)",
-           title=f"CIFAR-10 accuracy per epoch (seeds {seeds}" + ("; mean, band = min-max)" if len(runs) > 1 else ")"))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-
-
-def run_summary(seed, history, seconds):
-    """What results.json keeps of one seed's run."""
-    return {"seed": seed, "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
-            "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
-            "seconds_per_epoch": seconds / len(history), "history": history}
-
-
-def save_results(model_dir, runs, extra):
-    """results.json, the plot and cnn.pt (the first seed's model), rewritten as each seed
-    ends, so an interrupted run leaves files that agree with each other."""
-    main_seed = runs[0]["seed"]
-    copy_atomically(model_dir / f"cnn_seed{main_seed}.pt", model_dir / MAIN_MODEL)
-    accuracies = np.array([run["test_accuracy"] for run in runs])
-    results = {**extra, "main_model": MAIN_MODEL, "main_seed": main_seed, "runs": runs,
-               "mean": float(accuracies.mean()), "std": float(np.std(accuracies))}
-    write_json(model_dir / RESULTS_FILE, results)
-    plot_accuracy(runs, model_dir / "accuracy.png")
-    return results
-
-
-def model_file_bytes(hyp):
-    """About the size of one saved model: its tensors plus the checkpoint's history."""
-    return sum(t.numel() * t.element_size() for t in build_cnn(hyp).state_dict().values()) + 200_000
-
-
-def ensure_space(folder, needed):
-    """Refuse before training when `folder` has less than `needed` bytes free, so no
-    training is thrown away at the first save."""
-    folder = Path(folder).absolute()
-    free = shutil.disk_usage(nearest_existing(folder)).free
-    if free < needed:
-        raise UserError(f"not enough space in {folder}: {megabytes(needed)} needed for the models, "
-                        f"results and plot, {megabytes(free)} free; free some space or pass --model-dir")
-
-
-@contextlib.contextmanager
-def exclusive(folder):
-    """Hold a lock on `folder` itself (no lock file is left behind) while a run writes into
-    it: a second `train` into the same folder is refused instead of mixing their files.
-    Where there is no fcntl (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `train` is writing into {folder}; wait for it to end or pass "
-                            "another --model-dir") from None
-        yield
+        device = next(model.parameters()).device
+        probabilities = model(x.to(device)).softmax(1)[0].cpu()
     finally:
-        os.close(fd)
+        hook.remove()
+    return probabilities, maps[0][0].float().cpu()
 
 
-def command_train(args):
-    """`train`: one model per seed, saved in model/, with results.json and the plot.
-
-    Everything that can fail is checked before the first step: the options, the device,
-    the output folder and its free space, the data and the batch size. A quick check on
-    a subset saves into model/subset/ unless --model-dir says otherwise, so it never
-    replaces the shipped model. A seed that fails (check_progress) stops the run and
-    saves nothing of itself."""
-    seeds = args.seeds or [args.seed]
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {' '.join(map(str, seeds))}: a seed is given twice")
-    model_dir = Path(args.model_dir or (MODEL_DIR / "subset" if args.subset else MODEL_DIR))
-    device = pick_device(args.device)
-    defaults = DEVICE_DEFAULTS[device_class(device)]
-    ensure_writable(model_dir)
-    data = take_subset(load_cifar(args.data_dir), args.subset)
-    train_count = len(data["train"][0])
-    if args.batch_size and args.batch_size > train_count:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {train_count} training images; "
-                        f"give at most {train_count}")
-    hyp = recipe(device, args.batch_size, args.epochs)
-    ensure_space(model_dir, (len(seeds) + 1) * model_file_bytes(hyp) + 1_000_000)
-    dtype, how = training_format(device, args.precision, hyp)
-    if args.budget:
-        epoch_seconds = seconds_per_epoch(data, hyp, device, dtype, defaults["eval_batch"])
-        hyp["epochs"] = epochs_within(args.budget, epoch_seconds)
-        log(f"--budget {args.budget:g} s: {hyp['epochs']} epochs of about {epoch_seconds:.1f} s each "
-            f"(measured here, {precision_name(dtype)})")
-    log(f"training on {device}: batch {hyp['batch_size']}, {hyp['epochs']} epochs, number format {how}")
-    extra = {"command": invocation(args), "machine": machine_description(device, dtype), "subset": args.subset,
-             "precision": precision_name(dtype), "precision_choice": how, "budget": args.budget,
-             "epochs": hyp["epochs"], "batch_size": hyp["batch_size"], "eval_batch": defaults["eval_batch"]}
-    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    model_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    with exclusive(model_dir):
-        for seed in seeds:
-            print_row = lambda row: print(epoch_line(seed, row, hyp["epochs"]), flush=True)
-            model, history, seconds = train_one_seed(data, seed, hyp, device, dtype, defaults["eval_batch"], print_row)
-            save_checkpoint(model_dir / f"cnn_seed{seed}.pt", model,
-                            {"seed": seed, "history": history, "train_seconds": seconds,
-                             "precision": precision_name(dtype), "hyperparameters": hyp})
-            runs.append(run_summary(seed, history, seconds))
-            results = save_results(model_dir, runs, extra)
-    print("\n".join(seed_table(results)))
+def prediction_lines(probabilities):
+    """`prediction result: <class>`, then the three most likely classes."""
+    top = probabilities.topk(3)
+    lines = [f"prediction result: {CLASSES[top.indices[0]]}"]
+    lines += [f"  {rank}. {CLASSES[i]:<10s} {100 * p:6.2f}%"
+              for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+    return lines
 
 
-# ----------------------------------------------------------------------------- prediction and visualisation
+# ----------------------------------------------------------------------------- test IMAGE and CONV_rslt.png
 
-IMAGE_DIR = ROOT / "test_images"
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused before decoding
 LARGEST_SIDE_KEPT = 1024        # larger images are shrunk right after decoding
 
@@ -1081,30 +684,11 @@ def resolve_image_path(name):
     return path
 
 
-def decode_quietly(data, flags):
-    """cv2.imdecode with the C decoders' stderr captured: libjpeg reports truncation there
-    and still returns a half-grey image, so its words are how corruption is detected."""
-    import cv2
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            image = cv2.imdecode(data, flags)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        captured.seek(0)
-        messages = captured.read().decode(errors="replace")
-    return image, messages
-
-
 def read_image(path):
     """Any common image file -> uint8 RGB array H x W x 3, or a UserError naming the problem.
-
-    Grey becomes three equal channels, alpha is composited on white (transparent areas
-    look like paper, not black), 16-bit and float images are scaled to 8 bits, and JPEG
-    EXIF orientation is applied, so a phone photo is seen upright.
-    """
+    Grey becomes three equal channels, alpha is composited on white (transparent areas look
+    like paper, not black), 16-bit and float images are scaled to 8 bits, and JPEG EXIF
+    orientation is applied, so a phone photo is seen upright."""
     import cv2
     path = Path(path)
     if not path.exists():
@@ -1118,8 +702,7 @@ def read_image(path):
     if data.size == 0:
         raise UserError(f"{path}: empty file")
     if pixel_count(path) > MAX_IMAGE_PIXELS:
-        raise UserError(f"{path}: over {MAX_IMAGE_PIXELS // 10**6} megapixels, too large to decode here; "
-                        "shrink it first")
+        raise UserError(f"{path}: over {MAX_IMAGE_PIXELS // 10**6} megapixels, too large to decode here; shrink it first")
     image, messages = decode_quietly(data, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise UserError(f"{path}: not an image OpenCV can read (unknown format or corrupt data)")
@@ -1130,6 +713,23 @@ def read_image(path):
     if image.ndim == 2 or image.shape[2] in (1, 3):  # no alpha: decode again, EXIF-rotated
         image, _ = decode_quietly(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
     return to_rgb8(shrink_to(image, LARGEST_SIDE_KEPT))
+
+
+def decode_quietly(data, flags):
+    """cv2.imdecode with the C decoders' stderr captured: libjpeg reports truncation there and
+    still returns a half-grey image, so its words are how corruption is detected."""
+    import cv2
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            image = cv2.imdecode(data, flags)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        messages = captured.read().decode(errors="replace")
+    return image, messages
 
 
 def pixel_count(path):
@@ -1148,8 +748,8 @@ def pixel_count(path):
 
 
 def shrink_to(image, side):
-    """Shrink (INTER_AREA) so the longer side is at most `side`: the model sees 32 x 32
-    anyway, and converting a 50-megapixel photo to floats would take gigabytes."""
+    """Shrink (INTER_AREA) so the longer side is at most `side`: the model sees 32 x 32 anyway,
+    and converting a 50-megapixel photo to floats would take gigabytes."""
     import cv2
     h, w = image.shape[:2]
     if max(h, w) <= side:
@@ -1182,38 +782,14 @@ def to_rgb8(image):
 
 
 def image_to_input(rgb):
-    """uint8 RGB of any size -> the model's input, 1 x 3 x 32 x 32 floats in [0, 1].
-
-    The whole picture is resized to 32 x 32 (no crop: the object may be off-centre);
-    INTER_AREA averages pixels when shrinking, bicubic when enlarging.
-    """
+    """uint8 RGB of any size -> the model's input, 1 x 3 x 32 x 32 floats in [0, 1]. The whole
+    picture is resized (no crop: the object may be off-centre); INTER_AREA averages pixels
+    when shrinking, bicubic when enlarging."""
     import cv2
     h, w = rgb.shape[:2]
     shrinking = h >= 32 and w >= 32
     small = cv2.resize(rgb, (32, 32), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
     return torch.from_numpy(small).permute(2, 0, 1).unsqueeze(0).float() / 255
-
-
-@torch.no_grad()
-def predict(model, x):
-    """Class probabilities and the first conv layer's maps from one forward pass."""
-    maps = []
-    hook = model.conv1.register_forward_hook(lambda module, inputs, output: maps.append(output))
-    try:
-        device = next(model.parameters()).device
-        probabilities = model(x.to(device)).softmax(1)[0].cpu()
-    finally:
-        hook.remove()
-    return probabilities, maps[0][0].float().cpu()
-
-
-def prediction_lines(probabilities):
-    """`prediction result: <class>`, then the three most likely classes."""
-    top = probabilities.topk(3)
-    lines = [f"prediction result: {CLASSES[top.indices[0]]}"]
-    lines += [f"  {rank}. {CLASSES[i]:<10s} {100 * p:6.2f}%"
-              for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
-    return lines
 
 
 def figure_format(path):
@@ -1279,7 +855,6 @@ def command_test(args):
     draw_conv_maps(*figure, args.out)
 
 
-
 # ----------------------------------------------------------------------------- ResNet-20
 
 RESNET20_URL = ("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/"
@@ -1318,11 +893,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (He et al. 2016): 3 stages x 3 blocks, 16/32/64 channels.
-
-    Takes RGB floats in [0, 1] like our CNN; the checkpoint's normalisation is inside
-    (non-persistent buffers, so the state dict is exactly the checkpoint's).
-    """
+    """CIFAR ResNet-20 (He et al. 2016): 3 stages x 3 blocks, 16/32/64 channels. Takes RGB
+    floats in [0, 1] like our CNN; the checkpoint's normalisation is inside (non-persistent
+    buffers, so the state dict is exactly the checkpoint's)."""
 
     def __init__(self, option, mean, std):
         super().__init__()
@@ -1344,14 +917,6 @@ class ResNet20(nn.Module):
         x = F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return getattr(self, self.head_name)(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_resnet20_checkpoint(source):
@@ -1376,8 +941,7 @@ def fetch_resnet20_checkpoint(source):
             raise UserError(f"could not fetch ResNet-20 weights ({type(error).__name__}: {first_line(error)}); "
                             f"download {source} into {cached} or pass --weights PATH") from None
     if expected and not sha256_of(cached).startswith(expected):
-        raise UserError(f"checksum mismatch: {cached} does not have sha256 {expected}...; delete it "
-                        "to download it again")
+        raise UserError(f"checksum mismatch: {cached} does not have sha256 {expected}...; delete it to download it again")
     return load_torch_file(cached, f"{cached}: no such weights file")
 
 
@@ -1395,8 +959,7 @@ def load_resnet20(source=RESNET20_URL):
     else:
         raise UserError(f"{source}: unknown checkpoint layout (expected ResNet-20 with a "
                         "'linear' head and option-A shortcuts, or an 'fc' head and 'downsample')")
-    expected = model.state_dict()
-    for key, value in expected.items():  # older checkpoints predate BN's batch counter
+    for key, value in model.state_dict().items():  # older checkpoints predate BN's batch counter
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = value
     try:
@@ -1419,23 +982,11 @@ def command_resnet20(args):
                  "accuracy": 100 * correct / len(labels)}, device, torch.float32)
 
 
-
-# ----------------------------------------------------------------------------- costs (THOP, speed)
-
-class OneView(nn.Module):
-    """Our CNN on one view of the image (no test-time mirror), for counting its cost."""
-
-    def __init__(self, cnn):
-        super().__init__()
-        self.cnn = cnn
-
-    def forward(self, x):
-        return self.cnn.classify(self.cnn.first_layer(x))
-
+# ----------------------------------------------------------------------------- costs (THOP) and inference speed
 
 def count_costs(model):
-    """THOP's MACs and parameters for one 1 x 3 x 32 x 32 input, on a deep copy so the
-    counters THOP attaches never stay on the model itself."""
+    """THOP's MACs and parameters for one 1 x 3 x 32 x 32 input, on a deep copy so the counters
+    THOP attaches never stay on the model itself."""
     from thop import profile
     copied = copy.deepcopy(model).cpu().eval()
     macs, params = profile(copied, inputs=(torch.zeros(1, 3, 32, 32),), verbose=False)
@@ -1443,10 +994,10 @@ def count_costs(model):
 
 
 def cost_table(cnn, resnet):
-    """Rows (name, MACs, params) for both models, and the printed table."""
+    """Rows (name, MACs, params) for both models (ours with and without the mirror view), and
+    the printed table."""
     from thop import clever_format
-    rows = [("CNN (ours), one view", *count_costs(OneView(cnn))),
-            ("CNN (ours), with flip TTA", *count_costs(cnn)),
+    rows = [("CNN (ours), one view", *count_costs(cnn.cnn)), ("CNN (ours), with flip TTA", *count_costs(cnn)),
             ("ResNet-20", *count_costs(resnet))]
     lines = [f"{'model':<28s} {'MACs':>9s} {'params':>9s} {'MACs (exact)':>14s} {'params (exact)':>15s}"]
     for name, macs, params in rows:
@@ -1484,29 +1035,27 @@ def inference_speed_test(args):
     """Single-image inference time of our CNN and ResNet-20, same device and threads.
 
     args: device, precision, warmup, iterations, model (our checkpoint), weights (ResNet-20's).
-    Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "precision", "threads", "input"}.
+    Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "precision", "threads", "input", ...}.
     """
     device = pick_device(args.device)
     cnn = load_cnn(args.model, device, choose_format(device, args.precision)[0])
-    models = [("CNN (ours)", cnn), ("CNN, one view", OneView(cnn).eval()),
-              ("ResNet-20", load_resnet20(args.weights).to(device))]
+    models = [("CNN (ours)", cnn), ("CNN, one view", cnn.cnn), ("ResNet-20", load_resnet20(args.weights).to(device))]
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for name, model in models:
         ms = 1000 * time_inference(model, x, args.warmup, args.iterations)
         results.append({"name": name, "mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
                         "p95_ms": float(np.percentile(ms, 95))})
-    return {"models": results, "device": str(device), "precision": precision_name(cnn.compute_dtype),
-            "threads": torch.get_num_threads(),
-            "input": "1 x 3 x 32 x 32", "warmup": args.warmup, "iterations": args.iterations}
+    return {"models": results, "device": str(device), "precision": precision_name(cnn.cnn.compute_dtype),
+            "threads": torch.get_num_threads(), "input": "1 x 3 x 32 x 32", "warmup": args.warmup,
+            "iterations": args.iterations}
 
 
 def speed_lines(speed):
     lines = [f"device {speed['device']}, CNN in {speed['precision']}, {speed['threads']} torch threads, input {speed['input']}, "
              f"{speed['warmup']} warm-up + {speed['iterations']} timed iterations",
              f"{'model':<14s} {'mean ms':>9s} {'median ms':>10s} {'p95 ms':>8s}"]
-    lines += [f"{m['name']:<14s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}"
-              for m in speed["models"]]
+    lines += [f"{m['name']:<14s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}" for m in speed["models"]]
     lines.append("CNN (ours) is the model as shipped: it also classifies the mirrored image and averages;"
                  " 'one view' skips that.")
     return lines
@@ -1520,31 +1069,244 @@ def command_speed(args):
     save_record(args, "speed", lines, result, torch.device(result["device"]), PRECISIONS[result["precision"]])
 
 
+# ----------------------------------------------------------------------------- train: seeds, resuming, results.json, the plot
 
-# ----------------------------------------------------------------------------- hand-in (report/build.py)
-
-def hand_in_tooling():
-    """report/build.py, which builds the report and the zip from the records the commands
-    above leave; not needed to train, test or measure."""
-    path = ROOT / "report" / "build.py"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: `report` and `submit` run in the project's checkout")
-    sys.modules.setdefault("CNNclassify", sys.modules[__name__])  # its `import CNNclassify` is this module
-    spec = importlib.util.spec_from_file_location("report_build", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def set_seed(seed):
+    """Seed every generator the training touches: python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def command_report(args):
-    """`report`: report/report.md and report.pdf (and README's tables with --readme)."""
-    written = hand_in_tooling().report(args.model_dir, args.records_dir, args.out_dir, args.author, args.readme)
-    print("wrote " + " and ".join(map(str, written)))
+def epoch_line(seed, row, epochs):
+    """The line `train` prints after each epoch (the report rebuilds it from history)."""
+    return (f"seed {seed} epoch {row['epoch']:2d}/{epochs}  train loss {row['train_loss']:.4f}"
+            f"  train acc {row['train_accuracy']:6.2f}%  test loss {row['test_loss']:.4f}"
+            f"  test acc {row['test_accuracy']:6.2f}%  {row['seconds']:6.1f}s")
 
 
-def command_submit(args):
-    """`submit LAST FIRST`: the zip to hand in, checked, listed and proved to work."""
-    print("\n".join(hand_in_tooling().submit(ROOT, args.last, args.first, args.out_dir)))
+def seed_table(results):
+    """The table `train` ends with: seed -> final test accuracy, then mean and std."""
+    lines = ["seed  test accuracy (%)  train seconds"]
+    lines += [f"{run['seed']:4d}  {run['test_accuracy']:17.2f}  {run['train_seconds']:13.1f}" for run in results["runs"]]
+    lines.append(f"mean {results['mean']:.2f}%  std {results['std']:.2f} (numpy.std over {len(results['runs'])} seeds)")
+    return lines
+
+
+def plot_accuracy(runs, path):
+    """The one plot: train and test accuracy per epoch, mean over seeds with a min-max band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, colour in [("train_accuracy", "train", "tab:blue"), ("test_accuracy", "test", "tab:orange")]:
+        curves = np.array([[h[key] for h in run["history"]] for run in runs])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        ax.plot(epochs, curves.mean(0), marker="o", color=colour, label=label)
+        if len(runs) > 1:
+            ax.fill_between(epochs, curves.min(0), curves.max(0), color=colour, alpha=0.2)
+    seeds = ", ".join(str(run["seed"]) for run in runs)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)",
+           title=f"CIFAR-10 accuracy per epoch (seeds {seeds}" + ("; mean, band = min-max)" if len(runs) > 1 else ")"))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def run_summary(seed, history, seconds):
+    """What results.json keeps of one seed's run."""
+    return {"seed": seed, "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
+            "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
+            "seconds_per_epoch": seconds / len(history), "history": history}
+
+
+def save_results(model_dir, runs, extra):
+    """results.json, the plot and cnn.pt (the first seed's model), rewritten as each seed ends,
+    so an interrupted run leaves files that agree with each other."""
+    main_seed = runs[0]["seed"]
+    copy_atomically(model_dir / f"cnn_seed{main_seed}.pt", model_dir / MAIN_MODEL)
+    accuracies = np.array([run["test_accuracy"] for run in runs])
+    results = {**extra, "main_model": MAIN_MODEL, "main_seed": main_seed, "runs": runs,
+               "mean": float(accuracies.mean()), "std": float(np.std(accuracies))}
+    write_json(model_dir / RESULTS_FILE, results)
+    plot_accuracy(runs, model_dir / "accuracy.png")
+    return results
+
+
+RECIPE_CODE = [Recipe, Loader, translate, flip_half, CNN, conv_block, conv3x3, batch_norm, set_whitening,
+               whitening_directions, orthogonalize, Muon, make_optimizers, lr_factor, update_average, Run, train_steps]
+
+
+def run_settings(recipe, data, dtype, device):
+    """What decides a seed's numbers: a saved model or progress file is reused only when this
+    is the same (recipe, data, number format, kind of device, the recipe's code)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for images, labels in data.values():
+        digest.update(images.numpy().data)
+        digest.update(labels.numpy().data)
+    code = hashlib.blake2b("".join(map(inspect.getsource, RECIPE_CODE)).encode(), digest_size=16).hexdigest()
+    return {"recipe": dataclasses.asdict(recipe), "data": digest.hexdigest(), "precision": precision_name(dtype),
+            "device": device.type, "code": code}
+
+
+def differences(saved, settings):
+    """The names of the settings (recipe fields one by one) where `saved` differs."""
+    names = [k for k in settings["recipe"] if saved.get("recipe", {}).get(k) != settings["recipe"][k]]
+    return names + [k for k in settings if k != "recipe" and saved.get(k) != settings[k]]
+
+
+class SeedProgress:
+    """A seed's state on disk: finished (cnn_seed<N>.pt made with the same settings), under way
+    (progress_seed<N>.pt, rewritten atomically after every epoch), or neither. Anything made
+    with other settings, or damaged, is never mixed in: one line says why, and the seed
+    starts afresh. --restart discards both deliberately."""
+
+    def __init__(self, model_dir, seed, settings, restart):
+        self.seed, self.settings, self.state, self.finished = seed, settings, None, None
+        self.model_file, self.file = model_dir / f"cnn_seed{seed}.pt", model_dir / f"progress_seed{seed}.pt"
+        if restart:
+            self.discard()
+            return
+        if self.model_file.is_file():
+            with contextlib.suppress(UserError):
+                saved = load_torch_file(self.model_file, "")
+                if isinstance(saved, dict) and saved.get("run_settings") == settings:
+                    self.finished = saved
+                    log(f"seed {seed}: already trained with these settings ({self.model_file}); kept "
+                        "(--restart trains it again)")
+                    return
+        if self.file.is_file():
+            try:
+                saved = load_torch_file(self.file, "")
+                if not (isinstance(saved, dict) and isinstance(saved.get("run"), dict) and "settings" in saved):
+                    raise UserError(f"{self.file}: not a progress file")
+            except UserError as error:
+                return self.start_afresh(f"{first_line(error)}")
+            if saved["settings"] != settings:
+                return self.start_afresh(f"{self.file} was made with other settings "
+                                         f"({', '.join(differences(saved['settings'], settings))})")
+            self.state = saved["run"]
+
+    def start_afresh(self, why):
+        log(f"seed {self.seed}: {why}; starting this seed afresh")
+        self.discard()
+
+    def epochs_done(self):
+        return len(self.state["history"]) if self.state else 0
+
+    def resume(self, run):
+        """Load the saved state into a new `run`; False (after one line) if it does not fit."""
+        if not self.state:
+            return True
+        try:
+            run.load_state_dict(self.state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            self.start_afresh(f"{self.file} is damaged ({first_line(error)})")
+            return False
+        log(f"resuming seed {self.seed} at epoch {len(run.history) + 1}/{run.recipe.epochs} from {self.file}")
+        return True
+
+    def save(self, run):
+        write_atomically(self.file, lambda tmp: torch.save({"settings": self.settings, "run": run.state_dict()}, tmp))
+
+    def discard(self):
+        self.state = None
+        self.file.unlink(missing_ok=True)
+
+
+def duration(seconds):
+    """Seconds as a person says them: 45 s, 12 min, 2 h 15 min."""
+    minutes = round(seconds / 60)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def estimate_line(epochs, epoch_seconds, setup_seconds, seeds_left, seeds, epochs_left):
+    """How long the rest of the command will take here, from the measured seconds of an epoch
+    and of a seed's set-up."""
+    per_seed, left = setup_seconds + epochs * epoch_seconds, seeds_left * setup_seconds + epochs_left * epoch_seconds
+    line = f"time: about {duration(per_seed)} per seed"
+    if epochs_left < epochs * len(seeds):
+        line += f", {duration(left)} for what is left ({epochs_left} of {epochs * len(seeds)} epochs)"
+    elif len(seeds) > 1:
+        line += f", {duration(left)} for {len(seeds)} seeds"
+    return line + f" ({epochs} epochs of ~{epoch_seconds:.3g} s measured here); --budget SECONDS fits the run to less"
+
+
+def model_file_bytes(recipe):
+    """About the size of one saved model: its tensors plus the checkpoint's history."""
+    return sum(t.numel() * t.element_size() for t in build_cnn(recipe).state_dict().values()) + 200_000
+
+
+def command_train(args):
+    """`train`: one model per seed, saved in model/, with results.json and the plot.
+
+    Everything that can fail is checked before the first step: the options, the device, the
+    output folder and its free space, the data and the batch size. A quick check on a subset
+    saves into model/subset/ unless --model-dir says otherwise, so it never replaces the
+    shipped model. After every epoch the seed's whole state is saved, so the same command run
+    again after a fault goes on where it stopped (SeedProgress). A seed that fails
+    (check_progress) stops the run and saves nothing of itself."""
+    seeds = args.seeds or [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: a seed is given twice")
+    model_dir = Path(args.model_dir or (MODEL_DIR / "subset" if args.subset else MODEL_DIR))
+    device = pick_device(args.device)
+    ensure_writable(model_dir)
+    data = take_subset(load_cifar(args.data_dir), args.subset)
+    train_count = len(data["train"][0])
+    if args.batch_size and args.batch_size > train_count:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {train_count} training images; "
+                        f"give at most {train_count}")
+    recipe = recipe_for(device, args.batch_size, args.epochs)
+    ensure_space(model_dir, (len(seeds) + 1 + 4) * model_file_bytes(recipe) + 1_000_000)  # 4: a progress file
+    dtype, how = training_format(device, args.precision, recipe)
+    epoch_seconds, setup_seconds = seconds_per_epoch(data, recipe, device, dtype)
+    if args.budget:
+        recipe = dataclasses.replace(recipe, epochs=epochs_within(args.budget, epoch_seconds))
+        log(f"--budget {args.budget:g} s: {recipe.epochs} epochs of about {epoch_seconds:.1f} s each "
+            f"(measured here, {precision_name(dtype)})")
+    log(f"training on {device}: batch {recipe.batch_size}, {recipe.epochs} epochs, number format {how}")
+    extra = {"command": invocation(args), "machine": machine_description(device, dtype), "subset": args.subset,
+             "precision": precision_name(dtype), "precision_choice": how, "budget": args.budget,
+             "epochs": recipe.epochs, "batch_size": recipe.batch_size, "eval_batch": recipe.eval_batch}
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    model_dir.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(recipe, data, dtype, device)
+    runs = []
+    with exclusive(model_dir):
+        seed_progress = [SeedProgress(model_dir, seed, settings, args.restart) for seed in seeds]
+        epochs_left = sum(0 if p.finished else recipe.epochs - p.epochs_done() for p in seed_progress)
+        seeds_left = sum(not p.finished for p in seed_progress)
+        log(estimate_line(recipe.epochs, epoch_seconds, setup_seconds, seeds_left, seeds, epochs_left))
+        whole_run = progress_bar(None, epochs_left, "whole run")
+        for progress in seed_progress:
+            seed = progress.seed
+            print_row = lambda row: print(epoch_line(seed, row, recipe.epochs), flush=True)
+            if progress.finished:
+                history, seconds = progress.finished["history"], progress.finished["train_seconds"]
+                for row in history:
+                    print_row(row)
+            else:
+                for row in progress.state["history"] if progress.state else []:
+                    print_row(row)
+                try:
+                    model, history, seconds = train_seed(data, seed, recipe, device, dtype,
+                                                         lambda row: (print_row(row), whole_run.update()), progress)
+                except TrainingFailed:
+                    progress.discard()
+                    raise
+                save_checkpoint(progress.model_file, model,
+                                {"seed": seed, "history": history, "train_seconds": seconds, "run_settings": settings,
+                                 "precision": precision_name(dtype), "hyperparameters": dataclasses.asdict(recipe)})
+            runs.append(run_summary(seed, history, seconds))
+            results = save_results(model_dir, runs, extra)
+            progress.discard()
+        whole_run.close()
+    print("\n".join(seed_table(results)))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1579,13 +1341,15 @@ def non_negative_int(text):
     return value
 
 
+MAX_BUDGET = 7 * 24 * 3600  # --budget above a week is a typo, not a plan
+
+
 def budget_seconds(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
     if not value <= MAX_BUDGET:
-        raise argparse.ArgumentTypeError(f"{text} s is more than a week ({MAX_BUDGET} s); give the seconds "
-                                         "one seed may take")
+        raise argparse.ArgumentTypeError(f"{text} s is more than a week ({MAX_BUDGET} s); give the seconds one seed may take")
     return value
 
 
@@ -1612,8 +1376,11 @@ def option_sets():
                                                        "help": "where results are recorded for `report`"}))}
 
 
+HAND_IN = "report and submit are made by report/build.py: python report/build.py report --author NAME, then submit LAST FIRST"
+
+
 def build_parser():
-    parser = Parser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0], epilog=HAND_IN)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     shared = option_sets()
 
@@ -1639,6 +1406,9 @@ def build_parser():
                         "save into model/subset/ unless --model-dir is given")
     p.add_argument("--model-dir", help="where the models, results.json and the plot go "
                                        "(default: model/, or model/subset/ with --subset)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard saved progress and finished seeds of the same settings, and train every seed "
+                        "from scratch (default: seeds already trained are kept, an interrupted one resumes)")
 
     p = command("test", command_test, "classify an image and save CONV_rslt.png", "model", "device")
     p.add_argument("image", help="image file (PNG, JPEG, BMP, WebP, TIFF, ...); bare names "
@@ -1652,17 +1422,12 @@ def build_parser():
     p.add_argument("--warmup", type=non_negative_int, default=50, help="untimed iterations first")
     p.add_argument("--iterations", type=positive_int, default=1000, help="timed iterations")
 
-    p = command("report", command_report, "build report/report.md and report/report.pdf from the records", "records")
-    p.add_argument("--model-dir", default=str(MODEL_DIR), help="where results.json and the model are")
-    p.add_argument("--out-dir", default=str(REPORT_DIR), help="where the report goes")
-    p.add_argument("--author", help="the student's name on the cover, e.g. \"Harry Potter\"")
-    p.add_argument("--readme", help="also rewrite the tables between the markers in this README")
-
-    p = command("submit", command_submit, "write LAST_FIRST_HW2.zip to hand in, and check that it works")
-    p.add_argument("last", help="last name (letters, hyphens allowed)")
-    p.add_argument("first", help="first name (letters, hyphens allowed)")
-    p.add_argument("--out-dir", default=".", help="where the zip goes")
+    for name in MOVED:
+        command(name, None, f"moved: python report/build.py {name} (see its --help)")
     return parser
+
+
+MOVED = ("report", "submit")  # listed in --help; main() says where they went
 
 
 class Terminated(BaseException):
@@ -1675,6 +1440,9 @@ def raise_terminated(signum, frame):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in MOVED:
+        print(f"error: `{argv[0]}` moved to report/build.py: run python report/build.py {shlex.join(argv)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     args.argv = argv
     previous = signal.signal(signal.SIGTERM, raise_terminated)
@@ -1692,6 +1460,309 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+# ----------------------------------------------------------------------------- machinery: number format
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def precision_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def native_bfloat16_cpu():
+    """Whether oneDNN can compute bfloat16 in hardware here: AVX512_BF16 or AMX, and not capped
+    below them by ONEDNN_MAX_CPU_ISA. Elsewhere it emulates bfloat16, 2-25x slower than
+    float32 (bench/precision.py), although torch still calls it "supported". Having the
+    instructions does not make bfloat16 faster (an Intel Xeon with AVX512_BF16 trains slower
+    in it), so this only makes it a candidate for choose_format."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
+    return not capped and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def candidate_formats(device):
+    """The formats worth timing here: float32 always; bfloat16 where the hardware computes it
+    natively (native_bfloat16_cpu; CUDA compute capability 8.0 or more); float16 with a loss
+    scaler on older CUDA GPUs (T4, V100, P100), whose bfloat16 is emulated although
+    torch.cuda.is_bf16_supported() says True there."""
+    if device.type == "cpu":
+        return ["float32", "bfloat16"] if native_bfloat16_cpu() else ["float32"]
+    if device.type == "cuda":
+        return ["float32", "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"]
+    return ["float32"]
+
+
+def machine_key(device):
+    """What decides which format is fastest: the processor and its flags, the oneDNN cap, the
+    threads, torch, and the GPU. The cache of choose_format is keyed by it."""
+    key = {"cpu": cpu_name(), "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16],
+           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        key["gpu"] = torch.cuda.get_device_name(device)
+        key["gpu_capability"] = list(torch.cuda.get_device_capability(device))
+    return json.dumps(key, sort_keys=True)
+
+
+def format_cache_file():
+    """Where measured choices are kept: the user's cache folder, one file for all machines."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnclassify" / "number_formats.json"
+
+
+def read_format_cache():
+    """{machine_key: choice} from format_cache_file(); empty if missing or unreadable."""
+    try:
+        cache = json.loads(format_cache_file().read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def step_seconds_in(device, dtype, recipe, batch_size, warmup=1, steps=3):
+    """Mean seconds of a training step in `dtype` here, on random images: what choose_format compares."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, len(CLASSES), (batch_size,), generator=generator)
+    run = Run((images, labels), 0, dataclasses.replace(recipe, epochs=1, batch_size=batch_size), device, dtype)
+    return seconds_per_step(run, [next(run.loader.epoch(0))] * (warmup + steps), warmup)
+
+
+def training_format(device, precision, recipe):
+    """choose_format for a training run of `recipe`, timing steps of its batch size (at most 256)."""
+    return choose_format(device, precision, lambda dtype: step_seconds_in(device, dtype, recipe, min(recipe.batch_size, 256)))
+
+
+def choose_format(device, precision, measure=None):
+    """The number format after conv1, decided once per command: the one --precision names; with
+    auto, the only candidate, or the fastest candidate as measured by measure(dtype) -> seconds
+    per step, cached per machine (machine_key). Without `measure` (test, speed) a cached choice
+    is used where there is one, else float32. Returns the dtype and how it was chosen."""
+    if precision != "auto":
+        return PRECISIONS[precision], f"--precision {precision}"
+    candidates = candidate_formats(device)
+    if len(candidates) == 1:
+        return PRECISIONS[candidates[0]], f"auto: {candidates[0]}, the only format computed natively here"
+    key, cache = machine_key(device), read_format_cache()
+    if isinstance(cache.get(key), dict) and cache[key].get("precision") in candidates:
+        return PRECISIONS[cache[key]["precision"]], f"auto: {cache[key]['precision']}, measured earlier here ({format_cache_file()})"
+    if measure is None:
+        return torch.float32, "auto: float32 (no format measured on this machine yet; `train` measures it)"
+    seconds = {name: measure(PRECISIONS[name]) for name in candidates}
+    best = min(seconds, key=seconds.get)
+    how = f"auto: {best}, measured fastest here (" + ", ".join(f"{n} {1000 * t:.0f} ms" for n, t in seconds.items()) + " per step)"
+    try:
+        write_json(format_cache_file(), {**cache, key: {"precision": best, "seconds_per_step": seconds}})
+    except UserError as error:
+        log(f"note: the choice is not cached ({error})")
+    return PRECISIONS[best], how
+
+
+# ----------------------------------------------------------------------------- machinery: device and machine
+
+def pick_device(name=None):
+    """The named device, checked to be present, or the fastest present: CUDA, Apple MPS, CPU."""
+    mps = lambda: bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:N or mps)") from None
+    present = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": mps}
+    if not present.get(device.type, lambda: False)() or (
+            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such device on this machine")
+    return device
+
+
+def device_class(device):
+    """"cpu" or "gpu": the key of DEVICE_DEFAULTS (CUDA and Apple MPS count as GPUs)."""
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so a clock reading means something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def cpuinfo_field(name):
+    """A field of the first processor in /proc/cpuinfo ("" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":", 1)[0].strip() == name:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags():
+    """The CPU's feature flags (empty where /proc/cpuinfo has none)."""
+    return set(cpuinfo_field("flags").split())
+
+
+def cpu_name():
+    """The CPU's model name, or what platform knows where /proc/cpuinfo has none."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def machine_description(device, dtype):
+    """What ran a command, stored beside each result so numbers keep their context."""
+    described = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                 "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                 "cpu_bfloat16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "precision": precision_name(dtype)}
+    if device.type == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(device)
+        described["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return described
+
+
+def progress_bar(iterable, total, description):
+    """A progress bar on stderr when a person watches it (a terminal); else the iterable as it is."""
+    return tqdm(iterable, total=total, desc=description, leave=False, disable=not sys.stderr.isatty())
+
+
+# ----------------------------------------------------------------------------- machinery: files
+
+def first_line(error):
+    """An exception's message cut to its first line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def megabytes(count):
+    return f"{count / 1e6:.1f} MB"
+
+
+def nearest_existing(folder):
+    """`folder` if it exists, else the nearest folder above it that does."""
+    folder = Path(folder).absolute()
+    return next(p for p in [folder, *folder.parents] if p.exists())
+
+
+def ensure_writable(folder):
+    """Prove, before any long work, that files can be written into `folder`: a temporary file is
+    made in it or, while it does not exist, in the nearest folder above (which can create it)."""
+    folder = Path(folder).absolute()
+    existing = nearest_existing(folder)
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(0, f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write into {folder} ({error.strerror or first_line(error)})") from None
+
+
+def ensure_space(folder, needed):
+    """Refuse before training when `folder` has less than `needed` bytes free, so no training is
+    thrown away at the first save."""
+    folder = Path(folder).absolute()
+    free = shutil.disk_usage(nearest_existing(folder)).free
+    if free < needed:
+        raise UserError(f"not enough space in {folder}: {megabytes(needed)} needed for the models, "
+                        f"results and plot, {megabytes(free)} free; free some space or pass --model-dir")
+
+
+def write_atomically(path, write):
+    """Call write(tmp_path), flush it to disk, then rename over path: a crash or a kill at any
+    instant leaves the old file or the new one, never half a file; a full disk or a failing
+    writer is a UserError naming the folder, with the old file kept."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+        os.close(fd)
+    except OSError as error:
+        raise UserError(f"cannot write into {path.parent} ({error.strerror or first_line(error)})") from None
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results private
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer reports ENOSPC as a RuntimeError
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)  # before measuring what is free
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"could not write {path.name} into {path.parent} ({megabytes(free)} free, "
+                        f"{megabytes(written)} written before it failed: {first_line(error)}); "
+                        "free some space or choose another folder; the previous file is kept") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def copy_atomically(source, path):
+    write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_json(path, data):
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def invocation(args):
+    return "python CNNclassify.py " + shlex.join(args.argv)
+
+
+def save_record(args, name, lines, data, device, dtype):
+    """Keep what a command printed, its numbers, the command and the machine, for the report."""
+    write_json(Path(args.records_dir) / f"{name}.json",
+               {"command": invocation(args), "machine": machine_description(device, dtype), "output": lines, **data})
+
+
+def load_torch_file(path, missing_message):
+    """torch.load(weights_only=True) of a local file: tensors and plain data, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing_message)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's advice to retry with weights_only=False is not repeated
+        if "Unsupported global" in str(error):
+            raise UserError(f"{path}: holds objects other than tensors and plain data; refused, "
+                            "since loading it would run code") from None
+        detail = first_line(str(error).split("WeightsUnpickler error:")[-1])
+        raise UserError(f"{path}: not a readable PyTorch file ({detail})") from None
+    except Exception as error:
+        raise UserError(f"{path}: not a readable PyTorch file ({first_line(error)})") from None
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive(folder):
+    """Hold a lock on `folder` itself (no lock file is left behind) while a run writes into it: a
+    second `train` into the same folder is refused instead of mixing their files. Where there
+    is no fcntl (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `train` is writing into {folder}; wait for it to end or pass another --model-dir") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

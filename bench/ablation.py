@@ -6,6 +6,7 @@ on the same machine, in the number format `auto` picks there.
     python bench/ablation.py --data-dir ../shared/cifar10 --epochs 4 > bench/ablation_cpu_2core.txt
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -33,15 +34,15 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     device = torch.device("cpu")
-    dtype, _ = C.training_format(device, "auto", C.recipe(device))
+    dtype, _ = C.training_format(device, "auto", C.recipe_for(device))
     machine = C.machine_description(device, dtype)
     data = C.load_cifar(args.data_dir)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)}; seed {args.seed}, {args.epochs} epochs each", flush=True)
     rows = []
     for name in args.variants:
-        hyp = dict(C.recipe(device, epochs=args.epochs), **VARIANTS[name])
-        _, history, seconds = C.train_one_seed(data, args.seed, hyp, device, dtype, C.DEVICE_DEFAULTS["cpu"]["eval_batch"])
+        recipe = dataclasses.replace(C.recipe_for(device, epochs=args.epochs), **VARIANTS[name])
+        _, history, seconds = C.train_seed(data, args.seed, recipe, device, dtype)
         rows.append((name, history[-1]["test_accuracy"], seconds))
         print(f"# {name}: {history[-1]['test_accuracy']:.2f}% in {seconds:.1f} s", flush=True)
     print(f"{'variant':<28s} {'test acc':>8s} {'seconds':>8s}")

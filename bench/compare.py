@@ -9,6 +9,7 @@ that fit in the budget, as `train --budget` picks them (measured on a few steps 
     python bench/compare.py --data-dir ../shared/cifar10 --budget 300 > bench/compare_cpu_2core.txt
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -86,11 +87,10 @@ def run_baseline(data, budget, seed):
 def run_ours(data, budget, seed):
     """What `train --budget` does: the epochs that fit in the budget, measured here first."""
     device = torch.device("cpu")
-    hyp = C.recipe(device)
-    dtype, _ = C.training_format(device, "auto", hyp)
-    eval_batch = C.DEVICE_DEFAULTS["cpu"]["eval_batch"]
-    epochs = C.epochs_within(budget, C.seconds_per_epoch(data, hyp, device, dtype, eval_batch))
-    _, history, seconds = C.train_one_seed(data, seed, dict(hyp, epochs=epochs), device, dtype, eval_batch)
+    recipe = C.recipe_for(device)
+    dtype, _ = C.training_format(device, "auto", recipe)
+    epochs = C.epochs_within(budget, C.seconds_per_epoch(data, recipe, device, dtype)[0])
+    _, history, seconds = C.train_seed(data, seed, dataclasses.replace(recipe, epochs=epochs), device, dtype)
     return {"test_accuracy": history[-1]["test_accuracy"], "epochs": epochs, "seconds": seconds,
             "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
             "seconds_per_epoch": seconds / epochs}

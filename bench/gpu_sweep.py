@@ -4,6 +4,7 @@ for choosing DEVICE_DEFAULTS["gpu"] (run by bench/gpu_check.sh).
     python bench/gpu_sweep.py --data-dir /tmp/cifar10 [--device cuda]
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,16 +31,15 @@ def main():
     args = parser.parse_args()
     device = C.pick_device(args.device)
     data = C.take_subset(C.load_cifar(args.data_dir), args.subset)
-    dtype, how = C.training_format(device, "auto", C.recipe(device))
-    eval_batch = C.DEVICE_DEFAULTS[C.device_class(device)]["eval_batch"]
+    dtype, how = C.training_format(device, "auto", C.recipe_for(device))
     machine = C.machine_description(device, dtype)
     print(f"machine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {C.precision_name(dtype)} "
           f"({how}); seed {args.seed}", flush=True)
     print(f"{'variant':<32s} {'test acc':>8s} {'train s':>8s} {'wall s':>7s}", flush=True)
     for name, change in VARIANTS.items():
-        hyp = dict(C.recipe(device), **change)
+        recipe = dataclasses.replace(C.recipe_for(device), **change)
         start = time.perf_counter()
-        _, history, seconds = C.train_one_seed(data, args.seed, hyp, device, dtype, eval_batch)
+        _, history, seconds = C.train_seed(data, args.seed, recipe, device, dtype)
         print(f"{name:<32s} {history[-1]['test_accuracy']:7.2f}% {seconds:8.2f} {time.perf_counter() - start:7.2f}",
               flush=True)
 

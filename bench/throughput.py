@@ -6,6 +6,7 @@ With --evaluation, the test-set evaluation's throughput by batch size instead (D
     python bench/throughput.py --evaluation > bench/evaluation_cpu_2core.txt
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -18,24 +19,22 @@ import CNNclassify as C  # noqa: E402
 
 def images_per_second(widths, batch_size, channels_last, dtype, steps=6, warmup=2):
     """Training steps of the shipped recipe (Muon and SGD) on random data, timed after `warmup`."""
-    torch.manual_seed(0)
     device = torch.device("cpu")
-    hyp = dict(C.recipe(device, batch_size), widths=widths)
-    model = C.CNN(**{k: hyp[k] for k in C.MODEL_SETTINGS}, compute_dtype=dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimiser = C.Optimiser(model, hyp, steps + warmup, device, dtype)
-    x, y = torch.rand(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times = C.timed_steps(model, optimiser, [(x, y)] * (steps + warmup), device)
-    return batch_size * steps / sum(times[warmup:])
+    recipe = dataclasses.replace(C.recipe_for(device, batch_size, steps + warmup), widths=widths)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    run = C.Run((images, torch.randint(0, 10, (batch_size,), generator=generator)), 0, recipe, device, dtype)
+    x, y = next(run.loader.epoch(0))
+    if not channels_last:
+        run.model = run.model.to(memory_format=torch.contiguous_format)
+        x = x.contiguous()
+    return batch_size / C.seconds_per_step(run, [(x, y)] * (steps + warmup), warmup)
 
 
 def evaluation_images_per_second(batch_size, images=2000):
     """C.evaluate's forward pass (eval mode: each image and its mirror) in batches of batch_size."""
     torch.manual_seed(0)
-    model = C.build_cnn(dtype=C.choose_format(torch.device("cpu"), "auto")[0]).eval()
+    model = C.FlipAverage(C.build_cnn(dtype=C.choose_format(torch.device("cpu"), "auto")[0])).eval()
     x = torch.rand(images, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x[:batch_size])  # one untimed batch first
@@ -63,7 +62,7 @@ def main():
         print_evaluation_table()
         return
     print(f"{'widths':<15s} {'batch':>5s} {'layout':<14s} {'format':<8s} {'images/s':>9s}")
-    widths = tuple(C.HYPERPARAMETERS["widths"])
+    widths = C.RECIPE.widths
     configs = [(widths, 256, cl, dtype) for cl in (False, True) for dtype in (torch.float32, torch.bfloat16)]
     configs += [(widths, b, True, torch.bfloat16) for b in (512, 1024)]
     configs += [(w, 256, True, torch.bfloat16) for w in [(32, 64, 128), (64, 192, 256), (64, 256, 256)]]

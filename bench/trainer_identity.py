@@ -1,7 +1,8 @@
-"""The device-resident trainer (Loader, no host syncs inside an epoch) against the trainer that
-made the shipped model (CNNclassify.py as of commit 8f95ad3, read with `git show`): the same seed
-must give the same history and the same weights, bit for bit, on the CPU; and the seconds of
-each, run one after the other in this process, twice, in alternating order.
+"""The restructured trainer (Run, train_steps, train_seed: one loop, resumable) against the trainer
+before the restructure (CNNclassify.py as of commit c79ddc5, read with `git show`; it reproduced
+the shipped model's trainer bit for bit): the same seed must give the same history and the same
+weights, bit for bit, on the CPU; and the seconds of each, run one after the other in this
+process, twice, in alternating order.
 
     python bench/trainer_identity.py --data-dir ../shared/cifar10 > bench/trainer_identity_cpu_2core.txt
 """
@@ -20,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import CNNclassify as C  # noqa: E402
 
-SHIPPED_TRAINER = "8f95ad3"
+PREVIOUS_TRAINER = "c79ddc5"
 
 
 def load_old_trainer(folder):
     path = Path(folder) / "old_CNNclassify.py"
-    path.write_text(subprocess.run(["git", "show", f"{SHIPPED_TRAINER}:CNNclassify.py"], cwd=ROOT,
+    path.write_text(subprocess.run(["git", "show", f"{PREVIOUS_TRAINER}:CNNclassify.py"], cwd=ROOT,
                                    capture_output=True, text=True, check=True).stdout)
     spec = importlib.util.spec_from_file_location("old_CNNclassify", path)
     module = importlib.util.module_from_spec(spec)
@@ -44,10 +45,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         old = load_old_trainer(folder)
         runs = {
-            "shipped trainer": lambda: old.train_one_seed(data, 0, dict(old.HYPERPARAMETERS, epochs=args.epochs), cpu,
-                                                          torch.float32),  # it prints its epoch lines: to stderr
-            "device-resident": lambda: C.train_one_seed(data, 0, C.recipe(cpu, epochs=args.epochs), cpu, torch.float32,
-                                                        C.DEVICE_DEFAULTS["cpu"]["eval_batch"])}
+            "before (c79ddc5)": lambda: old.train_one_seed(data, 0, old.recipe(cpu, epochs=args.epochs), cpu, torch.float32,
+                                                           old.DEVICE_DEFAULTS["cpu"]["eval_batch"]),
+            "restructured": lambda: C.train_seed(data, 0, C.recipe_for(cpu, epochs=args.epochs), cpu, torch.float32)}
         results, seconds = {}, {name: [] for name in runs}
         for order in (list(runs), list(runs)[::-1]):
             for name in order:

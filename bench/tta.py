@@ -24,12 +24,12 @@ def logits(model, x, views):
     """Weighted mean of the logits over the views, all views in one batch (as the model's own
     eval mode does for the mirror)."""
     if views == 1:
-        return model.classify(model.first_layer(x))
+        return model.cnn(x)
     padded = F.pad(x, (1,) * 4, mode="reflect")
     shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]] if views == 6 else []
     weights = [0.5] if views == 2 else [0.25, 0.125, 0.125]
     batch = torch.cat([v for image in [x, *shifted] for v in (image, image.flip(-1))])
-    out = model.classify(model.first_layer(batch)).view(2 * len(weights), len(x), -1)
+    out = model.cnn(batch).view(2 * len(weights), len(x), -1)
     return sum(w * (out[2 * i] + out[2 * i + 1]) for i, w in enumerate(weights))
 
 

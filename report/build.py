@@ -1,11 +1,16 @@
 """The hand-in tooling beside CNNclassify.py: the report (report.md, report.pdf, README's
 tables) built from the records the commands leave, and the zip a student hands in.
 
-CNNclassify.py's `report` and `submit` commands load this file; it reads the same records
-and calls the same functions as the commands themselves, so every number shown comes from
-a command that ran. The PDF is laid out by ReportLab: a cover, then the assignment's items
-(a) to (h) in order, each command's output drawn like a terminal screenshot.
+    python report/build.py report [--author "First Last"] [--readme README.md]
+    python report/build.py submit LAST FIRST [--out-dir .]
+
+It imports CNNclassify (never the other way round), reads the same records and calls the
+same functions as the commands themselves, so every number shown comes from a command that
+ran. The PDF is laid out by ReportLab: a cover, then the assignment's items (a) to (h) in
+order, each command's output drawn like a terminal screenshot. report.json beside the PDF
+keeps the sha256 of the CNNclassify.py it prints and the author, which `submit` checks.
 """
+import argparse
 import io
 import json
 import re
@@ -18,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-import CNNclassify as C
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import CNNclassify as C  # noqa: E402
 
 TEST_IMAGE = "car.png"          # the image whose `test` output and conv maps the report shows
 MAX_ZIP_BYTES = 50_000_000      # what a course's upload form takes
@@ -191,19 +197,19 @@ BUILDERS = [code_section, training_section, testing_section, conv_section, resne
             costs_section, seeds_section, speed_section]
 
 
-def collect(model_dir, records_dir):
+def collect(model_dir, records_dir, test):
     """The report's summary rows, sections (a)-(h) and figures {name: draw(path)}, read from
-    the records (writing nothing), and the commands that make what is missing."""
+    the records (writing nothing), and the commands that make what is missing. `test` is what
+    `test car.png` gave on the main model: its lines and figure, or None without a model."""
     model_dir, records_dir = Path(model_dir), Path(records_dir)
     results = read_record(model_dir / C.RESULTS_FILE)
     ctx = {"model_dir": model_dir, "results": results, "profile": read_record(records_dir / "profile.json"),
            "speed": read_record(records_dir / "speed.json"),
            "resnet20": [read_record(p) for p in sorted(records_dir.glob("resnet20_*.json"))]}
     missing, figures, summary = [], {}, []
-    if (model_dir / C.MAIN_MODEL).exists():
-        lines, figure = C.classify_image(C.IMAGE_DIR / TEST_IMAGE, C.load_cnn(model_dir / C.MAIN_MODEL))
-        ctx["test"] = (lines, figure)
-        figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*figure, path)
+    if test:
+        ctx["test"] = test
+        figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*test[1], path)
     if (model_dir / "accuracy.png").exists():
         figures["accuracy.png"] = lambda path: C.copy_atomically(model_dir / "accuracy.png", path)
     sections = []
@@ -228,7 +234,7 @@ def collect(model_dir, records_dir):
 
 def write_markdown(summary, sections, author, path):
     out = ["# CNNclassify report" + (f": {author}" if author else ""), "",
-           "Built by `python CNNclassify.py report` from the records of the commands below; no number is "
+           "Built by `python report/build.py report` from the records of the commands below; no number is "
            "typed by hand.", "", *markdown_table([("item", "result"), *summary])]
     for section in sections:
         out += ["", f"## {section.title}", "", section.source + ".", ""]
@@ -405,10 +411,13 @@ def write_pdf(summary, sections, out_dir, author, path):
     C.write_atomically(path, write)
 
 
-def pdf_code_digest(path):
-    """The sha256 of CNNclassify.py that a report.pdf was built from (None if it has none)."""
-    found = re.search(rb"sha256 ([0-9a-f]{64})", Path(path).read_bytes())
-    return found.group(1).decode() if found else None
+def read_stamp(pdf):
+    """report.json beside a report.pdf: {"code_sha256", "author"} of the report ({} if none)."""
+    try:
+        stamp = json.loads(Path(pdf).with_name("report.json").read_text())
+        return stamp if isinstance(stamp, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 # ----------------------------------------------------------------------------- report command
@@ -417,11 +426,12 @@ def report(model_dir, records_dir, out_dir, author=None, readme=None):
     """report.md and report.pdf in out_dir (and README's tables): every item read and checked
     first; a missing item is a UserError naming the commands that make it, and nothing is
     written then, since a partial report is no hand-in."""
-    out_dir = Path(out_dir)
-    try:
-        summary, sections, figures, missing = collect(model_dir, records_dir)
+    out_dir, main_model = Path(out_dir), Path(model_dir) / C.MAIN_MODEL
+    test = C.classify_image(C.IMAGE_DIR / TEST_IMAGE, C.load_cnn(main_model)) if main_model.exists() else None
+    try:  # only the records are read here: a bug elsewhere is not reported as a malformed record
+        summary, sections, figures, missing = collect(model_dir, records_dir, test)
         machines = machine_rows([Path(model_dir) / C.RESULTS_FILE, *sorted((C.ROOT / "bench" / "machines").glob("*.json"))])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+    except (KeyError, TypeError, ValueError, IndexError) as error:
         raise C.UserError(f"a record is malformed ({type(error).__name__}: {C.first_line(error)}); "
                           "rerun the command that made it") from None
     if missing:
@@ -432,6 +442,7 @@ def report(model_dir, records_dir, out_dir, author=None, readme=None):
         draw(out_dir / name)
     write_markdown(summary, sections, author, out_dir / "report.md")
     write_pdf(summary, sections, out_dir, author, out_dir / "report.pdf")
+    C.write_json(out_dir / "report.json", {"code_sha256": C.sha256_of(C.__file__), "author": author or ""})
     if readme:
         update_readme(summary, sections, machines, Path(readme))
     return [out_dir / "report.md", out_dir / "report.pdf"]
@@ -443,8 +454,8 @@ def hand_in_files(root):
     """(path in the zip, file) for what a grader gets: the script, model/ (no subset or scratch
     runs), the report PDF, the test images, requirements.txt and README.md."""
     root = Path(root)
-    model = [p for p in sorted((root / "model").rglob("*")) if p.is_file()
-             and "subset" not in p.relative_to(root / "model").parts and not p.name.startswith(".")]
+    model = [p for p in sorted((root / "model").rglob("*")) if p.is_file() and not p.name.startswith((".", "progress_"))
+             and "subset" not in p.relative_to(root / "model").parts]
     files = [root / "CNNclassify.py", *model, root / "report" / "report.pdf",
              *sorted(p for p in (root / "test_images").iterdir() if p.is_file()),
              root / "requirements.txt", root / "README.md"]
@@ -462,12 +473,13 @@ def check_hand_in(root, first, last):
         raise C.UserError(f"{root / 'model' / C.MAIN_MODEL} is missing: run `python CNNclassify.py train --seeds 0 1 2`")
     pdf = root / "report" / "report.pdf"
     if not pdf.is_file():
-        raise C.UserError(f"{pdf} is missing: run `python CNNclassify.py report --author \"{first} {last}\"`")
-    if pdf_code_digest(pdf) != C.sha256_of(root / "CNNclassify.py"):
+        raise C.UserError(f"{pdf} is missing: run `python report/build.py report --author \"{first} {last}\"`")
+    stamp = read_stamp(pdf)
+    if stamp.get("code_sha256") != C.sha256_of(root / "CNNclassify.py"):
         raise C.UserError(f"{pdf} was built from another CNNclassify.py than the one here: run "
-                          f"`python CNNclassify.py report --author \"{first} {last}\"` again")
-    if f"{first} {last}".encode() not in pdf.read_bytes():
-        raise C.UserError(f"{pdf} does not name {first} {last}: run `python CNNclassify.py report --author \"{first} {last}\"`")
+                          f"`python report/build.py report --author \"{first} {last}\"` again")
+    if stamp.get("author") != f"{first} {last}":
+        raise C.UserError(f"{pdf} does not name {first} {last}: run `python report/build.py report --author \"{first} {last}\"`")
 
 
 def build_zip(files):
@@ -519,3 +531,39 @@ def submit(root, last, first, out_dir):
     lines.append(f"checked: unpacked into a temporary folder, `python CNNclassify.py test {image}` printed "
                  f"'{output[0]}'")
     return lines
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = C.Parser(prog="report/build.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=C.Parser)
+    p = commands.add_parser("report", help="report/report.md and report.pdf from the records", formatter_class=C.HelpFormatter)
+    p.add_argument("--model-dir", default=str(C.MODEL_DIR), help="where results.json and the model are")
+    p.add_argument("--records-dir", default=str(C.RECORDS_DIR), help="where the commands recorded their results")
+    p.add_argument("--out-dir", default=str(C.ROOT / "report"), help="where the report goes")
+    p.add_argument("--author", help="the student's name on the cover, e.g. \"Harry Potter\"")
+    p.add_argument("--readme", help="also rewrite the tables between the markers in this README")
+    p = commands.add_parser("submit", help="write LAST_FIRST_HW2.zip to hand in, and check that it works",
+                            formatter_class=C.HelpFormatter)
+    p.add_argument("last", help="last name (letters, hyphens allowed)")
+    p.add_argument("first", help="first name (letters, hyphens allowed)")
+    p.add_argument("--out-dir", default=".", help="where the zip goes")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "report":
+            written = report(args.model_dir, args.records_dir, args.out_dir, args.author, args.readme)
+            print("wrote " + " and ".join(map(str, written)))
+        else:
+            print("\n".join(submit(C.ROOT, args.last, args.first, args.out_dir)))
+    except C.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); files already saved are intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

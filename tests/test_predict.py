@@ -1,4 +1,5 @@
 """`test IMAGE`: what reaches the model for each kind of file, bad input, CONV_rslt.png."""
+import dataclasses
 import shutil
 
 import cv2
@@ -88,7 +89,7 @@ def test_conv_maps_are_the_first_layer_of_the_same_forward(shipped_model):
     x = torch.rand(1, 3, 32, 32)
     probabilities, maps = C.predict(shipped_model, x)
     with torch.no_grad():
-        assert torch.equal(maps, shipped_model.first_layer(x)[0])
+        assert torch.equal(maps, shipped_model.cnn.first_layer(x)[0])
         assert torch.allclose(probabilities, shipped_model(x).softmax(1)[0])
     assert maps.shape == (32, 28, 28)
 
@@ -195,8 +196,8 @@ def test_out_suffix_chooses_the_file_format(tmp_path, shipped_model):
 
 
 def other_widths_checkpoint(path):
-    model = C.build_cnn(dict(C.HYPERPARAMETERS, widths=(16, 32, 64)))
-    checkpoint = {"state_dict": model.state_dict(), "settings": dict(model.settings(), widths=[64, 128, 256]),
+    model = C.build_cnn(dataclasses.replace(C.RECIPE, widths=(16, 32, 64)))
+    checkpoint = {"state_dict": model.state_dict(), "settings": dict(model.settings, widths=[64, 128, 256]),
                   "mean": [0.5] * 3, "std": [0.25] * 3}
     torch.save(checkpoint, path)
 

@@ -12,9 +12,16 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
-build = C.hand_in_tooling()
+sys.path.insert(0, str(ROOT / "report"))
+import build  # noqa: E402
+
+
+def run_build(*args, cwd=ROOT):
+    """report/build.py as a user runs it: a fresh process, its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, "report/build.py", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
 
 
 def write_fixture_records(folder):
@@ -31,7 +38,7 @@ def write_fixture_records(folder):
     (model_dir / "results.json").write_text(json.dumps(results))
     C.plot_accuracy(runs, model_dir / "accuracy.png")
     model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.RECIPE.whitening)
     C.save_checkpoint(model_dir / "cnn.pt", model, {})
     common = {"command": "python CNNclassify.py x", "machine": machine}
     (records / "resnet20_w.json").write_text(json.dumps({**common, "weights": "w.pt", "accuracy": 91.5, "output": ["ResNet-20 test accuracy: 91.50%"]}))
@@ -41,7 +48,7 @@ def write_fixture_records(folder):
 
 
 def report(model_dir, records, out, *more):
-    return run_cli("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, *more)
+    return run_build("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, *more)
 
 
 def test_report_builds_markdown_and_pdf_from_records(tmp_path):
@@ -68,7 +75,7 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     assert headings == sorted(headings) and set(headings) == set("abcdefgh")  # the assignment's order
     assert (ROOT / "CNNclassify.py").read_text() in markdown  # (a) is the code as it is
     pdf = (out / "report.pdf").read_bytes()
-    assert pdf[:5] == b"%PDF-" and build.pdf_code_digest(out / "report.pdf") == C.sha256_of(ROOT / "CNNclassify.py")
+    assert pdf[:5] == b"%PDF-" and build.read_stamp(out / "report.pdf") == {"code_sha256": C.sha256_of(ROOT / "CNNclassify.py"), "author": "Harry Potter"}
     assert b"Harry Potter" in pdf and result.stderr == ""
     assert report(model_dir, records, tmp_path / "again", "--author", "Harry Potter").returncode == 0
     assert (tmp_path / "again" / "report.pdf").read_bytes() == pdf  # same records, same bytes
@@ -113,8 +120,8 @@ def test_bad_results_file_is_one_line_and_changes_nothing(tmp_path, damage):
 def test_shipped_report_prints_the_committed_code():
     """report.pdf embeds CNNclassify.py (item a): it must be the code as committed."""
     digest = hashlib.sha256((ROOT / "CNNclassify.py").read_bytes()).hexdigest()
-    assert build.pdf_code_digest(ROOT / "report" / "report.pdf") == digest, \
-        "report/report.pdf is stale: rerun `python CNNclassify.py report --author \"Harry Potter\" --readme README.md`"
+    assert build.read_stamp(ROOT / "report" / "report.pdf")["code_sha256"] == digest, \
+        "report/report.pdf is stale: rerun `python report/build.py report --author \"Harry Potter\" --readme README.md`"
     assert (ROOT / "CNNclassify.py").read_text() in (ROOT / "report" / "report.md").read_text()
 
 
@@ -163,15 +170,13 @@ def hand_in_copy(tmp_path_factory):
     shutil.copytree(ROOT / "model", root / "model", ignore=shutil.ignore_patterns("subset"))
     (root / "model" / "subset").mkdir()
     (root / "model" / "subset" / "cnn.pt").write_bytes(b"a quick check, never handed in")
-    done = subprocess.run([sys.executable, "CNNclassify.py", "report", "--author", "Harry Potter"], cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    done = run_build("report", "--author", "Harry Potter", cwd=root)
     assert done.returncode == 0, done.stderr
     return root
 
 
 def submit(root, *args):
-    return subprocess.run([sys.executable, "CNNclassify.py", "submit", *args], cwd=root, capture_output=True,
-                          text=True, timeout=600)
+    return run_build("submit", *args, cwd=root)
 
 
 def test_submit_builds_and_proves_the_zip(hand_in_copy, tmp_path):
@@ -219,3 +224,14 @@ def test_zip_never_takes_dataset_files(tmp_path):
     (tmp_path / "data_batch_1").write_bytes(b"pixels")
     with pytest.raises(C.UserError, match="CIFAR-10 data"):
         build.build_zip([("model/data_batch_1", tmp_path / "data_batch_1")])
+
+
+def test_report_and_submit_of_the_script_say_where_they_moved():
+    result = run_build("--help")
+    assert result.returncode == 0 and "report" in result.stdout and "submit" in result.stdout
+    from conftest import run_cli
+    result = run_cli("report", "--author", "Harry Potter")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("error: `report` moved to report/build.py: run python report/build.py report "
+                                     "--author 'Harry Potter'")
+    assert "report/build.py" in run_cli("--help").stdout

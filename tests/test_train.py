@@ -1,4 +1,5 @@
 """Data, model and training: fast checks on synthetic data, one short run on real data."""
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -204,7 +205,7 @@ def test_weight_average_moves_by_the_ramped_decay():
 
 def test_save_load_round_trip(tmp_path):
     model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.RECIPE.whitening)
     model.train()
     with torch.no_grad():
         for _ in range(2):  # move BN statistics away from their initial values
@@ -212,8 +213,8 @@ def test_save_load_round_trip(tmp_path):
     C.save_checkpoint(tmp_path / "m.pt", model, {"seed": 3})
     loaded = C.load_cnn(tmp_path / "m.pt")  # float32, the format the model was built with
     x = torch.rand(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), loaded(x))
+    with torch.no_grad():  # load_cnn gives the model with flip TTA, in eval mode
+        assert torch.equal(C.FlipAverage(model).eval()(x), loaded(x))
     assert not loaded.training
     checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
     assert checkpoint["classes"] == list(C.CLASSES) and checkpoint["seed"] == 3
@@ -243,8 +244,8 @@ def tiny_data():
 
 
 def tiny_run(seed):
-    hyp = dict(C.HYPERPARAMETERS, epochs=2, batch_size=32, whitening_images=96)
-    model, history, _ = C.train_one_seed(tiny_data(), seed, hyp, torch.device("cpu"), torch.float32, 64)
+    recipe = dataclasses.replace(C.RECIPE, epochs=2, batch_size=32, whitening_images=96)
+    model, history, _ = C.train_seed(tiny_data(), seed, recipe, torch.device("cpu"), torch.float32)
     return model.state_dict(), history
 
 
@@ -275,7 +276,7 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
     for name in ["cnn.pt", "cnn_seed0.pt", "cnn_seed1.pt", "accuracy.png"]:
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "cnn.pt").read_bytes() == (tmp_path / "cnn_seed0.pt").read_bytes()
-    conv = C.load_cnn(tmp_path / "cnn.pt").conv1
+    conv = C.load_cnn(tmp_path / "cnn.pt").cnn.conv1
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (3, 32, (5, 5), (1, 1), (0, 0))
 
 
@@ -404,24 +405,24 @@ def test_cpu_with_one_native_format_measures_nothing(monkeypatch):
 
 
 def test_step_timing_runs_in_every_format_on_this_machine():
-    """seconds_per_step, what choose_format measures with, on the real model (small widths)."""
-    hyp = dict(C.HYPERPARAMETERS, widths=(16, 16, 16))
+    """step_seconds_in, what choose_format measures with, on the real model (small widths)."""
+    recipe = dataclasses.replace(C.RECIPE, widths=(16, 16, 16))
     for dtype in (torch.float32, torch.float16):  # float16 goes through the loss scaler
-        assert 0 < C.seconds_per_step(torch.device("cpu"), dtype, hyp, 8, warmup=1, steps=1) < 60
+        assert 0 < C.step_seconds_in(torch.device("cpu"), dtype, recipe, 8, warmup=1, steps=1) < 60
 
 
 def test_float16_training_uses_a_loss_scaler_and_learns():
-    hyp = dict(C.HYPERPARAMETERS, epochs=1, batch_size=32, whitening_images=96, widths=(16, 16, 16))
-    model, history, _ = C.train_one_seed(tiny_data(), 0, hyp, torch.device("cpu"), torch.float16, 64)
+    recipe = dataclasses.replace(C.RECIPE, epochs=1, batch_size=32, whitening_images=96, widths=(16, 16, 16))
+    model, history, _ = C.train_seed(tiny_data(), 0, recipe, torch.device("cpu"), torch.float16)
     assert np.isfinite(history[0]["train_loss"]) and model.compute_dtype == torch.float16
 
 
 def test_loaded_model_computes_in_the_format_it_is_given(tmp_path):
     model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.HYPERPARAMETERS["whitening"])
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.RECIPE.whitening)
     C.save_checkpoint(tmp_path / "m.pt", model, {"precision": "bfloat16"})
-    assert C.load_cnn(tmp_path / "m.pt").compute_dtype == torch.float32
-    assert C.load_cnn(tmp_path / "m.pt", dtype=torch.bfloat16).compute_dtype == torch.bfloat16
+    assert C.load_cnn(tmp_path / "m.pt").cnn.compute_dtype == torch.float32
+    assert C.load_cnn(tmp_path / "m.pt", dtype=torch.bfloat16).cnn.compute_dtype == torch.bfloat16
 
 
 def test_avx2_capped_train_records_float32(tmp_path):
@@ -448,9 +449,10 @@ def test_epoch_seconds_come_from_the_timed_steps_and_evaluation():
     """A fake clock advancing 0.5 s per call: each timed step and the evaluation take 0.5 s."""
     ticks = itertools.count()
     clock = lambda: 0.5 * next(ticks)
-    hyp = dict(C.HYPERPARAMETERS, epochs=1, batch_size=32, whitening_images=96)
-    seconds = C.seconds_per_epoch(tiny_data(), hyp, torch.device("cpu"), torch.float32, 64, clock=clock)
+    recipe = dataclasses.replace(C.RECIPE, epochs=1, batch_size=32, whitening_images=96, eval_batch=64)
+    seconds, setup = C.seconds_per_epoch(tiny_data(), recipe, torch.device("cpu"), torch.float32, clock=clock)
     assert seconds == pytest.approx(3 * 0.5 + 0.5)  # 96 images = 3 steps of 32; 32 test images in one go
+    assert setup == pytest.approx(0.5)
 
 
 def test_budget_too_small_is_refused_before_training(tmp_path):
@@ -539,14 +541,14 @@ def test_one_step_run_trains_and_saves(tmp_path):
 def test_results_are_written_as_each_seed_ends(tmp_path, monkeypatch, capsys):
     """Ctrl-C during the second seed leaves cnn.pt, results.json and the plot of the first."""
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
-    real = C.train_one_seed
+    real = C.train_seed
 
     def interrupted_at_seed_1(data, seed, *args):
         if seed == 1:
             raise KeyboardInterrupt
         return real(data, seed, *args)
 
-    monkeypatch.setattr(C, "train_one_seed", interrupted_at_seed_1)
+    monkeypatch.setattr(C, "train_seed", interrupted_at_seed_1)
     code = C.main(["train", "--seeds", "0", "1", "--epochs", "1", "--subset", "64",
                    "--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "m")])
     assert code == 130
@@ -588,7 +590,7 @@ def test_a_diverging_run_fails_and_changes_no_result(tmp_path, monkeypatch, caps
     with one line naming the epoch and the cause, and the previous results stay."""
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     before = shipped_like_model_dir(tmp_path / "m")
-    monkeypatch.setitem(C.HYPERPARAMETERS, "lr_per_1024", 1e6)
+    monkeypatch.setattr(C, "RECIPE", dataclasses.replace(C.RECIPE, lr_per_1024=1e6))
     code = C.main(["train", "--epochs", "3", "--subset", "64", "--batch-size", "32", "--data-dir", str(tmp_path / "data"),
                    "--model-dir", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -627,7 +629,7 @@ def test_full_disk_at_save_is_one_line_and_leaves_nothing_partial(tmp_path, monk
     code = C.main(["train", "--epochs", "1", "--subset", "64", "--data-dir", str(tmp_path / "data"),
                    "--model-dir", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: could not write cnn_seed0.pt into " + str(tmp_path / "m"))
+    assert code == 2 and err[-1].startswith("error: could not write progress_seed0.pt into " + str(tmp_path / "m"))
     assert "free" in err[-1] and "previous file is kept" in err[-1]
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
 
@@ -637,7 +639,7 @@ def test_too_little_free_space_is_refused_before_training(tmp_path, monkeypatch,
     before = shipped_like_model_dir(tmp_path / "m")
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=3_000_000))  # a 3 MB disk
-    monkeypatch.setattr(C, "train_one_seed", lambda *args: pytest.fail("training started"))
+    monkeypatch.setattr(C, "train_seed", lambda *args: pytest.fail("training started"))
     code = C.main(["train", "--seeds", "0", "1", "--subset", "64", "--data-dir", str(tmp_path / "data"),
                    "--model-dir", str(tmp_path / "m")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -662,17 +664,20 @@ def test_small_real_filesystem_is_refused_before_training(tmp_path):
         subprocess.run(["umount", str(mount)])
 
 
-def test_sigterm_stops_with_one_line_and_exit_143(tmp_path):
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                               (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_sigterm_and_ctrl_c_stop_with_one_line_and_keep_the_progress(tmp_path, signum, code, said):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     process = subprocess.Popen([sys.executable, str(ROOT / "CNNclassify.py"), "train", "--epochs", "50", "--subset", "64",
                                 "--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "m")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline().startswith("seed 0 epoch  1/50")  # training is under way
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "terminated (SIGTERM); files already saved are intact"
-    assert not [p for p in (tmp_path / "m").iterdir() if p.suffix in (".pt", ".json", ".tmp")]
+    assert process.returncode == code and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"{said}; files already saved are intact"
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["progress_seed0.pt"]  # no model, results or temporary file
+    assert len(torch.load(tmp_path / "m" / "progress_seed0.pt", weights_only=True)["run"]["history"]) >= 1
 
 
 def test_second_train_into_the_same_folder_is_refused(tmp_path):
@@ -688,3 +693,102 @@ def test_second_train_into_the_same_folder_is_refused(tmp_path):
     assert result.returncode == 2 and "another `train` is writing into" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in result.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- resuming after a fault
+
+RESUMABLE = ("train", "--seeds", "0", "1", "--epochs", "3", "--batch-size", "32")  # 320 fake images: 10 steps an epoch
+
+
+def start_train(folder, model_dir, *more):
+    return subprocess.Popen([sys.executable, str(ROOT / "CNNclassify.py"), *RESUMABLE, "--data-dir", str(folder / "data"),
+                             "--model-dir", str(model_dir), *more], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after(process, line_start):
+    """SIGKILL (nothing to catch, as for the out-of-memory killer) once a line starting so is printed."""
+    for line in process.stdout:
+        if line.startswith(line_start):
+            process.kill()
+            break
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, err
+    return err
+
+
+def final(model_dir):
+    """The weights of every seed and what results.json says of them, seconds left out."""
+    results = json.loads((model_dir / "results.json").read_text())
+    weights = {s: torch.load(model_dir / f"cnn_seed{s}.pt", weights_only=True)["state_dict"] for s in (0, 1)}
+    timeless = [[{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")} for row in run["history"]]
+                for run in results["runs"]]
+    return weights, [run["test_accuracy"] for run in results["runs"]], timeless, results["mean"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume")
+    make_fake_cifar(folder / "data" / C.CIFAR_FOLDER, n=64)
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", folder / "whole")
+    assert result.returncode == 0, result.stderr
+    estimate = [line for line in result.stderr.splitlines() if line.startswith("time: about")]
+    assert len(estimate) == 1 and "per seed" in estimate[0] and "for 2 seeds (3 epochs of ~" in estimate[0]
+    return folder, final(folder / "whole"), result.stdout
+
+
+def test_sigkill_after_a_seed_and_mid_seed_then_rerun_gives_the_same_weights(uninterrupted, tmp_path):
+    folder, expected, expected_stdout = uninterrupted
+    model_dir = tmp_path / "m"
+    kill_after(start_train(folder, model_dir), "seed 1 epoch  1/3")  # seed 0 finished, seed 1 one epoch in
+    assert {p.name for p in model_dir.iterdir()} >= {"cnn_seed0.pt", "progress_seed1.pt"}
+    seed0 = (model_dir / "cnn_seed0.pt").read_bytes()
+    err = kill_after(start_train(folder, model_dir), "seed 1 epoch  2/3")  # killed again, mid-seed
+    assert "seed 0: already trained with these settings" in err and "resuming seed 1 at epoch 2/3" in err
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir)
+    assert result.returncode == 0, result.stderr
+    assert "resuming seed 1 at epoch 3/3" in result.stderr and "3 epochs" in result.stderr
+    assert (model_dir / "cnn_seed0.pt").read_bytes() == seed0  # the finished seed was not trained again
+    weights, accuracies, histories, mean = final(model_dir)
+    assert all(torch.equal(weights[s][k], expected[0][s][k]) for s in (0, 1) for k in weights[s])
+    assert (accuracies, histories, mean) == expected[1:]
+    strip = lambda out: [re.sub(r"\s+[\d.]+s$", "", line) for line in out.splitlines() if "epoch" in line]
+    assert strip(result.stdout) == strip(expected_stdout)  # every epoch line, those of earlier runs too
+    assert not list(model_dir.glob("progress_*")) and not list(model_dir.glob(".*"))
+
+
+def test_other_settings_or_a_damaged_progress_file_start_afresh_with_one_line(uninterrupted, tmp_path):
+    folder, expected, _ = uninterrupted
+    model_dir = tmp_path / "m"
+    kill_after(start_train(folder, model_dir), "seed 0 epoch  1/3")
+    result = run_cli(*RESUMABLE, "--epochs", "2", "--data-dir", folder / "data", "--model-dir", model_dir)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "afresh" in line]
+    assert lines == [f"seed 0: {model_dir / 'progress_seed0.pt'} was made with other settings (epochs); "
+                     "starting this seed afresh"]
+    (model_dir / "progress_seed1.pt").write_bytes(b"half a file")
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "afresh" in line]
+    assert len(lines) == 1 and lines[0].startswith("seed 1: ") and "not a readable PyTorch file" in lines[0]
+    weights, *recorded = final(model_dir)  # 2-epoch models were not mixed in: the 3-epoch run's results
+    assert recorded == list(expected[1:]) and all(torch.equal(weights[1][k], expected[0][1][k]) for k in weights[1])
+
+
+def test_restart_trains_finished_seeds_again(uninterrupted, tmp_path):
+    folder, expected, _ = uninterrupted
+    model_dir = tmp_path / "m"
+    shutil.copytree(folder / "whole", model_dir)
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir)
+    assert result.returncode == 0 and result.stderr.count("already trained with these settings") == 2
+    assert "0 of 6 epochs" in result.stderr and result.stdout.count(" epoch ") == 6
+    result = run_cli(*RESUMABLE, "--restart", "--data-dir", folder / "data", "--model-dir", model_dir)
+    assert result.returncode == 0 and "already trained" not in result.stderr and "for 2 seeds" in result.stderr
+    weights, *recorded = final(model_dir)
+    assert recorded == list(expected[1:])
+
+
+def test_the_estimate_says_how_long_in_a_persons_words():
+    assert C.duration(45) == "45 s" and C.duration(12 * 60 + 10) == "12 min" and C.duration(8100) == "2 h 15 min"
+    line = C.estimate_line(15, 175, 6, 3, [0, 1, 2], 45)
+    assert line.startswith("time: about 44 min per seed, 2 h 12 min for 3 seeds (15 epochs of ~175 s measured here)")
+    assert "58 min for what is left (20 of 45 epochs)" in C.estimate_line(15, 175, 6, 1, [0, 1, 2], 20)

@@ -541,8 +541,8 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None, progress=None):
     (check_progress) raises TrainingFailed. Train loss and accuracy are the trained
     weights' on their augmented batches; test figures are the average's, with flip TTA."""
     run = Run(data["train"], seed, recipe, device, dtype)
-    if progress:
-        progress.resume(run)
+    if progress and not progress.resume(run):
+        run = Run(data["train"], seed, recipe, device, dtype)  # the saved state did not fit: afresh
     test_x, test_y = (t.to(device) for t in data["test"])
     train_count = len(data["train"][0])
     for epoch in range(len(run.history), recipe.epochs):
@@ -551,12 +551,12 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None, progress=None):
         loss_sum, correct = train_steps(run, batches)
         synchronize(device)
         epoch_train_seconds = time.perf_counter() - start
-        test_loss, test_correct = evaluate(FlipAverage(run.average), test_x, test_y, recipe.eval_batch)
+        test_loss, confusion = evaluate(FlipAverage(run.average), test_x, test_y, recipe.eval_batch)
         run.seconds += time.perf_counter() - start
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / train_count,
                "train_accuracy": 100.0 * int(correct) / train_count, "test_loss": test_loss,
-               "test_accuracy": 100.0 * test_correct / len(test_x), "seconds": run.seconds,
-               "images_per_second": train_count / epoch_train_seconds}
+               "test_accuracy": 100.0 * int(confusion.trace()) / len(test_x), "seconds": run.seconds,
+               "images_per_second": train_count / epoch_train_seconds, "confusion": confusion.tolist()}
         run.history.append(row)
         check_progress(seed, row, run.step, recipe.batch_size, peak_lr(recipe))
         if progress:
@@ -633,18 +633,71 @@ def epochs_within(budget, epoch_seconds, margin=0.95):
 
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size):
-    """Mean loss and number correct of a [0, 1]-input model in eval mode on uint8 images, which
-    lie on the model's device; the host waits for the device once, at the end."""
+    """Mean loss and confusion matrix (counts, rows true class, columns predicted; the correct
+    ones on its diagonal) of a [0, 1]-input model in eval mode on uint8 images, which lie on
+    the model's device; the host waits for the device once, at the end."""
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    confusion = torch.zeros(len(CLASSES) ** 2, dtype=torch.int64, device=images.device)
     for start in progress_bar(range(0, len(images), batch_size), -(-len(images) // batch_size), "evaluating"):
         x = to_float(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
         y = labels[start:start + batch_size]
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    return total_loss.item() / len(images), int(correct)
+        confusion += torch.bincount(y * len(CLASSES) + logits.argmax(1), minlength=len(CLASSES) ** 2)
+    return total_loss.item() / len(images), confusion.view(len(CLASSES), -1).cpu()
+
+
+def class_lines(confusion, pairs=5):
+    """Per-class accuracy (of the images of each class, how many were called that class) and the
+    most confused pairs of classes, from a confusion matrix."""
+    total, correct = confusion.sum(1), confusion.diag()
+    lines = [f"{'class':<11s} {'accuracy':>8s}  {'correct'}"]
+    lines += [f"{name:<11s} {100 * int(c) / max(1, int(t)):7.2f}%  {int(c)}/{int(t)}"
+              for name, c, t in zip(CLASSES, correct, total)]
+    errors = confusion - torch.diag(correct)
+    worst = [divmod(int(i), len(CLASSES)) for i in errors.flatten().argsort(descending=True)[:pairs]]
+    lines.append("most confused (true -> predicted): " + ", ".join(
+        f"{CLASSES[t]} -> {CLASSES[p]} {int(errors[t, p])}" for t, p in worst if errors[t, p] > 0))
+    return lines
+
+
+def draw_confusion(confusion, title, path):
+    """The confusion matrix as a picture: counts in every cell, each cell coloured by its share of
+    the true class's images (row %), class names on both axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shares = 100 * confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(9, 8))
+    ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=100)
+    for t, p in itertools.product(range(len(CLASSES)), repeat=2):
+        ax.text(p, t, f"{int(confusion[t, p])}\n{shares[t, p]:.1f}%", ha="center", va="center", fontsize=7.5,
+                color="white" if shares[t, p] > 60 else "black")
+    ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xticklabels=CLASSES, yticklabels=CLASSES,
+           xlabel="predicted class", ylabel="true class", title=title)
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def command_evaluate(args):
+    """`evaluate`: our CNN on the 10,000 test images: accuracy, per class, most confused pairs,
+    and the confusion matrix as a picture (model/confusion.png)."""
+    device = pick_device(args.device)
+    dtype = choose_format(device, args.precision)[0]
+    model = load_cnn(args.model, device, dtype)
+    ensure_writable(Path(args.out).parent)
+    images, labels = load_cifar(args.data_dir)["test"]
+    _, confusion = evaluate(model, images.to(device), labels.to(device), DEVICE_DEFAULTS[device_class(device)]["eval_batch"])
+    correct = int(confusion.trace())
+    lines = [f"CNN test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)}, {Path(args.model).name}, "
+             f"{precision_name(dtype)})", *class_lines(confusion)]
+    print("\n".join(lines))
+    draw_confusion(confusion, f"CIFAR-10 test set, {Path(args.model).name}: {100 * correct / len(labels):.2f}%", args.out)
+    save_record(args, "evaluate", lines, {"model": args.model, "confusion": confusion.tolist(), "correct": correct,
+                                          "total": len(labels), "accuracy": 100 * correct / len(labels)}, device, dtype)
 
 
 @torch.no_grad()
@@ -845,14 +898,68 @@ def classify_image(image_path, model):
     return lines, (rgb, x, maps, title)
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".pbm", ".pgm", ".ppm",
+                  ".pnm", ".jp2", ".exr", ".hdr", ".pic", ".sr", ".ras"}  # what OpenCV reads
+
+
+def image_files(names):
+    """The files named, and the image files found in the folders named (any depth, sorted, any
+    case of the suffix), in the order given."""
+    found = []
+    for name in map(resolve_image_path, names):
+        if name.is_dir():
+            inside = sorted(p for p in name.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise UserError(f"{name}: is a directory with no image files in it")
+            found += inside
+        else:
+            found.append(name)
+    return found
+
+
+def named_class(path):
+    """The CIFAR-10 class a file or folder name names (cat_01.png, dog/x.jpg), None if none or two."""
+    words = {w for part in path.parts[-2:] for w in "".join(c if c.isalpha() else " " for c in part.lower()).split()}
+    named = [name for name in CLASSES if name in words]
+    return named[0] if len(named) == 1 else None
+
+
 def command_test(args):
-    """`test IMAGE`: print the predicted class and save CONV_rslt.png."""
-    figure_format(args.out)
+    """`test IMAGE`: print the predicted class and save CONV_rslt.png. With several images or a
+    folder: the model loads once, one line per image, the accuracy over the images whose names
+    name a class, and the conv maps only with --conv-dir; an unreadable image is one stderr line,
+    the others still get theirs, and the exit code is 2 at the end."""
+    single = len(args.images) == 1 and not resolve_image_path(args.images[0]).is_dir()
+    files = [resolve_image_path(args.images[0])] if single else image_files(args.images)
+    if not single and args.out:
+        raise UserError("--out names one file; with several images use --conv-dir FOLDER")
+    out = args.out or "CONV_rslt.png"
+    figure_format(out if single else Path(args.conv_dir or ".") / "x.png")
     device = pick_device(args.device)
     model = load_cnn(args.model, device, choose_format(device, args.precision)[0])
-    lines, figure = classify_image(args.image, model)
-    print("\n".join(lines), flush=True)
-    draw_conv_maps(*figure, args.out)
+    if single:
+        lines, figure = classify_image(files[0], model)
+        print("\n".join(lines), flush=True)
+        return draw_conv_maps(*figure, out)
+    failed, scored = 0, []
+    for path in files:
+        try:
+            lines, figure = classify_image(path, model)
+        except UserError as error:
+            log(f"error: {error}")
+            failed += 1
+            continue
+        predicted, confidence = lines[1].split()[1], lines[1].split()[2]
+        print(f"{path}  {predicted}  {confidence}", flush=True)
+        if args.conv_dir:
+            draw_conv_maps(*figure, Path(args.conv_dir) / f"{len(scored) + failed:03d}_{path.stem}.png")
+        scored.append(named_class(path) and named_class(path) == predicted)
+    named = [s for s in scored if s is not None]
+    if named:
+        print(f"accuracy over the {len(named)} images whose names name a class: {100 * np.mean(named):.2f}% "
+              f"({sum(named)}/{len(named)})")
+    if failed:
+        raise UserError(f"{failed} of {len(files)} images could not be read (named above)")
 
 
 # ----------------------------------------------------------------------------- ResNet-20
@@ -974,7 +1081,8 @@ def command_resnet20(args):
     device = pick_device(args.device)
     model = load_resnet20(args.weights).to(device)
     images, labels = load_cifar(args.data_dir)["test"]
-    _, correct = evaluate(model, images.to(device), labels.to(device), DEVICE_DEFAULTS[device_class(device)]["eval_batch"])
+    _, confusion = evaluate(model, images.to(device), labels.to(device), DEVICE_DEFAULTS[device_class(device)]["eval_batch"])
+    correct = int(confusion.trace())
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
     save_record(args, f"resnet20_option{model.option}", [line],
@@ -1116,10 +1224,14 @@ def plot_accuracy(runs, path):
 
 
 def run_summary(seed, history, seconds):
-    """What results.json keeps of one seed's run."""
+    """What results.json keeps of one seed's run; per class: of the images of each class, the
+    share called that class at the end."""
+    confusion = np.array(history[-1]["confusion"])
     return {"seed": seed, "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
             "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
-            "seconds_per_epoch": seconds / len(history), "history": history}
+            "seconds_per_epoch": seconds / len(history), "confusion": confusion.tolist(),
+            "per_class_accuracy": dict(zip(CLASSES, (100 * confusion.diagonal() / confusion.sum(1).clip(1)).tolist())),
+            "history": history}
 
 
 def save_results(model_dir, runs, extra):
@@ -1132,6 +1244,8 @@ def save_results(model_dir, runs, extra):
                "mean": float(accuracies.mean()), "std": float(np.std(accuracies))}
     write_json(model_dir / RESULTS_FILE, results)
     plot_accuracy(runs, model_dir / "accuracy.png")
+    draw_confusion(torch.tensor(runs[0]["confusion"]), f"CIFAR-10 test set, {MAIN_MODEL} (seed {main_seed}): "
+                   f"{runs[0]['test_accuracy']:.2f}%", model_dir / "confusion.png")
     return results
 
 
@@ -1180,8 +1294,10 @@ class SeedProgress:
         if self.file.is_file():
             try:
                 saved = load_torch_file(self.file, "")
-                if not (isinstance(saved, dict) and isinstance(saved.get("run"), dict) and "settings" in saved):
-                    raise UserError(f"{self.file}: not a progress file")
+                if not (isinstance(saved, dict) and "settings" in saved and isinstance(saved.get("run"), dict)
+                        and {"model", "average", "optimizers", "scaler", "generator", "step", "history", "seconds"}
+                        <= saved["run"].keys() and isinstance(saved["run"]["history"], list)):
+                    raise UserError(f"{self.file}: not a progress file of `train`")
             except UserError as error:
                 return self.start_afresh(f"{first_line(error)}")
             if saved["settings"] != settings:
@@ -1306,7 +1422,8 @@ def command_train(args):
             results = save_results(model_dir, runs, extra)
             progress.discard()
         whole_run.close()
-    print("\n".join(seed_table(results)))
+    print("\n".join(seed_table(results) + ["", f"main model (seed {results['main_seed']}), per class:"]
+                    + class_lines(torch.tensor(results["runs"][0]["confusion"]))))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1410,10 +1527,17 @@ def build_parser():
                    help="discard saved progress and finished seeds of the same settings, and train every seed "
                         "from scratch (default: seeds already trained are kept, an interrupted one resumes)")
 
-    p = command("test", command_test, "classify an image and save CONV_rslt.png", "model", "device")
-    p.add_argument("image", help="image file (PNG, JPEG, BMP, WebP, TIFF, ...); bare names "
-                                 "are also looked up in test_images/")
-    p.add_argument("--out", default="CONV_rslt.png", help="where the conv-layer figure goes (.png, .jpg, .pdf, ...)")
+    p = command("test", command_test, "classify images and save CONV_rslt.png", "model", "device")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, WebP, TIFF, ...) or folders "
+                   "of them; bare names are also looked up in test_images/")
+    p.add_argument("--out", help="where the conv-layer figure of a single image goes (.png, .jpg, .pdf, ...; "
+                                 "default: CONV_rslt.png)")
+    p.add_argument("--conv-dir", help="with several images: save each one's conv-layer figure in this folder "
+                                      "(default: none, one line per image only)")
+
+    p = command("evaluate", command_evaluate, "our CNN on the test set: accuracy per class and the confusion matrix",
+                "model", "data", "records", "device")
+    p.add_argument("--out", default=str(MODEL_DIR / "confusion.png"), help="where the confusion-matrix picture goes")
 
     command("resnet20", command_resnet20, "test accuracy of a pretrained ResNet-20", "weights", "data", "records", "device")
     command("profile", command_profile, "MACs and parameters of both models (THOP)", "model", "weights", "records")

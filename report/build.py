@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import CNNclassify as C  # noqa: E402
@@ -193,8 +194,23 @@ def speed_section(ctx):
     return Section("(h) Inference time, one image", made_by(rec), [(rec["command"], rec["output"])])
 
 
+def beyond_section(ctx):
+    """Beyond the assignment, so optional: where the model errs, from `evaluate`'s record."""
+    rec = ctx["evaluate"]
+    return rec and Section("Beyond the assignment: accuracy per class and the confusion matrix", made_by(rec),
+                           [(rec["command"], rec["output"])], image="confusion.png")
+
+
 BUILDERS = [code_section, training_section, testing_section, conv_section, resnet_section, plot_section,
-            costs_section, seeds_section, speed_section]
+            costs_section, seeds_section, speed_section, beyond_section]
+
+
+def weakest_class(rec):
+    """The class our CNN gets right least often, from `evaluate`'s confusion matrix."""
+    confusion = np.array(rec["confusion"])
+    shares = 100 * confusion.diagonal() / confusion.sum(1)
+    return f"{C.CLASSES[int(shares.argmin())]}: {shares.min():.1f}% of its test images (best: " \
+           f"{C.CLASSES[int(shares.argmax())]}, {shares.max():.1f}%)"
 
 
 def collect(model_dir, records_dir, test):
@@ -204,7 +220,7 @@ def collect(model_dir, records_dir, test):
     model_dir, records_dir = Path(model_dir), Path(records_dir)
     results = read_record(model_dir / C.RESULTS_FILE)
     ctx = {"model_dir": model_dir, "results": results, "profile": read_record(records_dir / "profile.json"),
-           "speed": read_record(records_dir / "speed.json"),
+           "speed": read_record(records_dir / "speed.json"), "evaluate": read_record(records_dir / "evaluate.json"),
            "resnet20": [read_record(p) for p in sorted(records_dir.glob("resnet20_*.json"))]}
     missing, figures, summary = [], {}, []
     if test:
@@ -212,12 +228,17 @@ def collect(model_dir, records_dir, test):
         figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*test[1], path)
     if (model_dir / "accuracy.png").exists():
         figures["accuracy.png"] = lambda path: C.copy_atomically(model_dir / "accuracy.png", path)
+    if ctx["evaluate"]:
+        confusion = torch.tensor(ctx["evaluate"]["confusion"])
+        figures["confusion.png"] = lambda path: C.draw_confusion(confusion, f"CIFAR-10 test set, {C.MAIN_MODEL}: "
+                                                                 f"{ctx['evaluate']['accuracy']:.2f}%", path)
     sections = []
     for build in BUILDERS:
         try:
             sections.append(build(ctx))
         except Missing as error:
             missing.append(str(error))
+    sections = [section for section in sections if section]
     if results:
         summary += summary_rows(results)
     if "test" in ctx:
@@ -227,6 +248,8 @@ def collect(model_dir, records_dir, test):
         summary += [(f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}") for m in ctx["profile"]["models"]]
     if ctx["speed"]:
         summary += [(f"inference: {m['name']}", f"{m['mean_ms']:.3f} ms mean per image") for m in ctx["speed"]["models"]]
+    if ctx["evaluate"]:
+        summary.append(("CNN (ours): weakest class", weakest_class(ctx["evaluate"])))
     return summary, sections, figures, sorted(set(missing))
 
 

@@ -1,6 +1,8 @@
 """`test IMAGE`: what reaches the model for each kind of file, bad input, CONV_rslt.png."""
 import dataclasses
+import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import ROOT, run_cli
+from conftest import CIFAR_DIR, ROOT, run_cli
 
 RED_RGB = (255, 0, 0)
 
@@ -214,3 +216,70 @@ def test_wrong_model_file_is_one_line(tmp_path, maker, problem):
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and problem in err[0] and "weights_only=False" not in err[0]
+
+
+# ----------------------------------------------------------------------------- many images, evaluate
+
+def test_a_folder_of_good_bad_and_class_named_images(tmp_path, cifar, shipped_model):
+    images, labels = cifar["test"]
+    folder = tmp_path / "graders"
+    (folder / "dog").mkdir(parents=True)
+    picks = {f"{C.CLASSES[int(labels[i])]}_{i}.PNG": i for i in range(12)}  # named after their true class
+    for name, i in picks.items():
+        cv2.imwrite(str(folder / name), images[i].permute(1, 2, 0).numpy()[:, :, ::-1])
+    dog = next(i for i in range(12, 10000) if C.CLASSES[int(labels[i])] == "dog")
+    cv2.imwrite(str(folder / "dog" / "x.png"), images[dog].permute(1, 2, 0).numpy()[:, :, ::-1])  # the folder names it
+    shutil.copy(C.IMAGE_DIR / "chelsea.png", folder / "photo.png")  # names no class
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image file: skipped")
+    result = run_cli("test", folder, C.IMAGE_DIR / "car.png", "--precision", "float32", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {folder / 'broken.png'}: not an image OpenCV can read "
+                                                  "(unknown format or corrupt data)",
+                                                  "error: 1 of 16 images could not be read (named above)"]
+    lines = result.stdout.strip().splitlines()
+    expected = sorted([folder / name for name in picks] + [folder / "dog" / "x.png", folder / "photo.png"])
+    assert [line.split("  ")[0] for line in lines[:-1]] == [str(p) for p in expected] + [str(C.IMAGE_DIR / "car.png")]
+    with torch.no_grad():
+        predicted = shipped_model(C.to_float(images[list(picks.values()) + [dog]])).argmax(1).tolist()
+    truth = [int(labels[i]) for i in list(picks.values()) + [dog]]
+    right = sum(p == t for p, t in zip(predicted, truth))
+    assert lines[-1] == f"accuracy over the 13 images whose names name a class: {100 * right / 13:.2f}% ({right}/13)"
+    by_path = {line.split("  ")[0]: line.split("  ")[1] for line in lines[:-1]}
+    assert [by_path[str(folder / n)] for n in picks] == [C.CLASSES[p] for p in predicted[:12]]
+    assert not (tmp_path / "CONV_rslt.png").exists()  # several images: maps only with --conv-dir
+
+
+def test_several_images_save_their_maps_with_conv_dir_and_refuse_out(tmp_path, shipped_model):
+    result = run_cli("test", "car.png", "cat.png", "--conv-dir", tmp_path / "maps", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3 and sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        "000_car.png", "001_cat.png"]
+    result = run_cli("test", "car.png", "cat.png", "--out", tmp_path / "x.png", cwd=tmp_path)
+    assert result.returncode == 2 and "with several images use --conv-dir" in result.stderr
+
+
+def test_named_class_reads_file_and_folder_names():
+    assert C.named_class(Path("photos/cat_01.png")) == "cat"
+    assert C.named_class(Path("photos/dog/x.jpg")) == "dog"
+    assert C.named_class(Path("frog/dog.png")) is None and C.named_class(Path("me.png")) is None
+    assert C.named_class(Path("catalogue/img.png")) is None  # a whole word, not a part of one
+
+
+def test_evaluate_counts_every_test_image_once(tmp_path, cifar, shipped_model):
+    result = run_cli("evaluate", "--data-dir", CIFAR_DIR, "--records-dir", tmp_path, "--out", tmp_path / "c.png",
+                     "--precision", "float32")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "evaluate.json").read_text())
+    confusion = np.array(record["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 10000 and (confusion.sum(1) == 1000).all()
+    assert record["correct"] == np.trace(confusion) and record["accuracy"] == np.trace(confusion) / 100
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"CNN test accuracy: {np.trace(confusion) / 100:.2f}% ({np.trace(confusion)}/10000")
+    for name, line, row in zip(C.CLASSES, lines[2:12], confusion):
+        assert line.split() == [name, f"{row[C.CLASSES.index(name)] / 10:.2f}%", f"{row[C.CLASSES.index(name)]}/1000"]
+    assert lines[12].startswith("most confused (true -> predicted): ")
+    results = json.loads((ROOT / "model" / "results.json").read_text())
+    main_run = next(run for run in results["runs"] if run["seed"] == results["main_seed"])
+    assert record["accuracy"] == pytest.approx(main_run["test_accuracy"], abs=0.2)  # float32 here, any format there
+    assert cv2.imread(str(tmp_path / "c.png")).shape[0] > 500

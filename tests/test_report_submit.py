@@ -43,6 +43,10 @@ def write_fixture_records(folder):
     common = {"command": "python CNNclassify.py x", "machine": machine}
     (records / "resnet20_w.json").write_text(json.dumps({**common, "weights": "w.pt", "accuracy": 91.5, "output": ["ResNet-20 test accuracy: 91.50%"]}))
     (records / "profile.json").write_text(json.dumps({**common, "output": ["table"], "models": [{"name": "CNN", "macs": 5, "params": 6}]}))
+    confusion = (torch.eye(10, dtype=torch.int64) * 99 + torch.eye(10, dtype=torch.int64).roll(1, 1)).tolist()
+    confusion[3][3], confusion[3][4] = 90, 10  # 99 of each class's 100 images right, of the cats 90
+    (records / "evaluate.json").write_text(json.dumps({**common, "output": ["per-class table"], "confusion": confusion,
+                                                        "accuracy": 90.9}))
     (records / "speed.json").write_text(json.dumps({**common, "output": ["speed table"], "models": [{"name": "CNN", "mean_ms": 1.5}]}))
     return model_dir, records
 
@@ -70,7 +74,9 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
                  "seed 2 epoch  2/2", "$ python CNNclassify.py train --seeds 0 1 2", "$ python CNNclassify.py test car.png"]:
         assert text in markdown
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert set(images) == {"accuracy.png", "CONV_rslt.png"} and all((out / i).is_file() for i in images)
+    assert set(images) == {"accuracy.png", "CONV_rslt.png", "confusion.png"} and all((out / i).is_file() for i in images)
+    assert markdown.index("## (h)") < markdown.index("## Beyond the assignment") and "per-class table" in markdown
+    assert "| CNN (ours): weakest class | cat: 90.0% of its test images" in updated
     headings = re.findall(r"^## \((\w)\)", markdown, flags=re.M)
     assert headings == sorted(headings) and set(headings) == set("abcdefgh")  # the assignment's order
     assert (ROOT / "CNNclassify.py").read_text() in markdown  # (a) is the code as it is

@@ -266,7 +266,8 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("seed 0 epoch  1/1  train loss") and "test acc" in lines[0]
     assert lines[1].startswith("seed 1 epoch  1/1")
-    assert lines[2].startswith("seed  test accuracy") and lines[-1].startswith("mean ")
+    assert lines[2].startswith("seed  test accuracy") and lines[5].startswith("mean ")
+    assert lines[7] == "main model (seed 0), per class:" and lines[-1].startswith("most confused (true -> predicted): ")
     results = json.loads((tmp_path / "results.json").read_text())
     accuracies = [run["test_accuracy"] for run in results["runs"]]
     assert [run["seed"] for run in results["runs"]] == [0, 1]
@@ -302,7 +303,8 @@ def test_shipped_model_scores_what_training_recorded(cifar, shipped_model):
     formats = {"float32"} | ({results["precision"]} & set(C.candidate_formats(cpu)))
     for name in sorted(formats):
         model = C.load_cnn(device=cpu, dtype=C.PRECISIONS[name])
-        _, correct = C.evaluate(model, *cifar["test"], 64)
+        _, confusion = C.evaluate(model, *cifar["test"], 64)
+        correct = int(confusion.trace())
         tolerance = 0.05 if name == results["precision"] else 0.2
         assert 100 * correct / 10000 == pytest.approx(main_run["test_accuracy"], abs=tolerance)
         assert correct >= 9000

@@ -12,13 +12,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import CNNclassify as C  # noqa: E402
 
-VARIANTS = {  # name: changes to the GPU recipe
-    "default (batch 1024, 15 epochs)": {},
+VARIANTS = {  # name: changes to the GPU recipe (widths 64/256/256)
+    "default (batch 1024, 8 epochs)": {},
     "batch 2048": {"batch_size": 2048},
     "batch 1024, 10 epochs": {"epochs": 10},
     "batch 2048, 10 epochs": {"batch_size": 2048, "epochs": 10},
-    "widths 64/256/256, 10 epochs": {"widths": (64, 256, 256), "epochs": 10},
-    "widths 64/256/256, 15 epochs": {"widths": (64, 256, 256)},
+    "batch 512": {"batch_size": 512},
+    "widths 64/128/256, 15 epochs (earlier)": {"widths": (64, 128, 256), "epochs": 15},
 }
 
 

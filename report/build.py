@@ -85,13 +85,17 @@ def summary_rows(results):
              else f"{max(reached):.0f} s at most ({', '.join(f'{t:.0f}' for t in reached)} s)")]
 
 
+EARLIER_WIDTHS = [64, 128, 256]  # of every results.json made before the recipe was recorded in it
+
+
 def machine_rows(results_files):
-    """One row per kind of machine that ran `train`: seconds per seed and accuracy."""
-    rows = [("machine", "command", "epochs", "s per seed (max)", "test accuracy")]
+    """One row per kind of machine that ran `train`: the widths, seconds per seed and accuracy."""
+    rows = [("machine", "command", "widths", "epochs", "s per seed (max)", "test accuracy")]
     for path in results_files:
         results = read_record(path)
         if results:
-            rows.append((machine_class(results["machine"]), f"`{results['command']}`", str(results["epochs"]),
+            widths = "/".join(map(str, results.get("recipe", {}).get("widths", EARLIER_WIDTHS)))
+            rows.append((machine_class(results["machine"]), f"`{results['command']}`", widths, str(results["epochs"]),
                          f"{max(r['train_seconds'] for r in results['runs']):.0f}",
                          f"{results['mean']:.2f}%" + (f" +/- {results['std']:.2f}" if len(results["runs"]) > 1 else "")))
     return rows

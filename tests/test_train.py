@@ -672,8 +672,9 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_keep_the_progress(tmp_path, s
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     process = subprocess.Popen([sys.executable, str(ROOT / "CNNclassify.py"), "train", "--epochs", "50", "--subset", "64",
                                 "--data-dir", str(tmp_path / "data"), "--model-dir", str(tmp_path / "m")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().startswith("seed 0 epoch  1/50")  # training is under way
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal, also
+    assert process.stdout.readline().startswith("seed 0 epoch  1/50")  # when the tests run as a background job
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     assert process.returncode == code and "Traceback" not in err

@@ -489,7 +489,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.loader = Loader(images, labels, recipe.batch_size, recipe.translate, seed, device)
         self.average = copy.deepcopy(self.model).requires_grad_(False)
-        self.recipe, self.seed, self.device = recipe, seed, device
+        self.recipe, self.device = recipe, device
         self.total_steps = recipe.epochs * len(self.loader)
         self.step, self.history, self.seconds = 0, [], 0.0
 

@@ -66,7 +66,7 @@ def main():
     images, labels = C.load_cifar(args.data_dir)["test"]
     machine = C.machine_description(device, dtype)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
-          f"{C.precision_name(model.compute_dtype)}; model/cnn.pt")
+          f"{C.precision_name(model.cnn.compute_dtype)}; model/cnn.pt")
     print(f"{'views':>5s} {'test acc':>9s} {'median ms per image':>20s}")
     for views in (1, 2, 6):
         print(f"{views:5d} {accuracy(model, images, labels, views):8.2f}% {latency_ms(model, views):20.3f}", flush=True)

@@ -7,6 +7,7 @@ process, twice, in alternating order.
     python bench/trainer_identity.py --data-dir ../shared/cifar10 > bench/trainer_identity_cpu_2core.txt
 """
 import argparse
+import dataclasses
 import contextlib
 import importlib.util
 import subprocess
@@ -47,7 +48,8 @@ def main():
         runs = {
             "before (c79ddc5)": lambda: old.train_one_seed(data, 0, old.recipe(cpu, epochs=args.epochs), cpu, torch.float32,
                                                            old.DEVICE_DEFAULTS["cpu"]["eval_batch"]),
-            "restructured": lambda: C.train_seed(data, 0, C.recipe_for(cpu, epochs=args.epochs), cpu, torch.float32)}
+            "restructured": lambda: C.train_seed(data, 0, dataclasses.replace(  # c79ddc5's widths
+                C.recipe_for(cpu, epochs=args.epochs), widths=tuple(old.HYPERPARAMETERS["widths"])), cpu, torch.float32)}
         results, seconds = {}, {name: [] for name in runs}
         for order in (list(runs), list(runs)[::-1]):
             for name in order:

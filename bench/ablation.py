@@ -22,7 +22,7 @@ VARIANTS = {
     "no weight averaging": {"average_decay": 0.0},
     "no label smoothing": {"label_smoothing": 0.0},
     "batch 512": {"batch_size": 512},
-    "widths 64/256/256": {"widths": (64, 256, 256)},
+    "widths 64/128/256 (earlier)": {"widths": (64, 128, 256)},
 }
 
 

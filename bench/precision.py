@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import CNNclassify as C  # noqa: E402
 
 CAPS = ["", "AVX512_CORE", "AVX2"]  # "" = no cap: what the CPU has
-WIDTHS = [C.RECIPE.widths, (64, 256, 256)]
+WIDTHS = [C.RECIPE.widths, (64, 128, 256)]
 
 
 def in_process(cap, *argv):

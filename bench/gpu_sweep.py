@@ -18,7 +18,7 @@ VARIANTS = {  # name: changes to the GPU recipe (widths 64/256/256)
     "batch 1024, 10 epochs": {"epochs": 10},
     "batch 2048, 10 epochs": {"batch_size": 2048, "epochs": 10},
     "batch 512": {"batch_size": 512},
-    "widths 64/128/256, 15 epochs (earlier)": {"widths": (64, 128, 256), "epochs": 15},
+    "64/128/256, 15 epochs (earlier)": {"widths": (64, 128, 256), "epochs": 15},
 }
 
 

@@ -1267,7 +1267,8 @@ def run_settings(recipe, data, dtype, device):
 
 def differences(saved, settings):
     """The names of the settings (recipe fields one by one) where `saved` differs."""
-    names = [k for k in settings["recipe"] if saved.get("recipe", {}).get(k) != settings["recipe"][k]]
+    recipe = saved["recipe"] if isinstance(saved.get("recipe"), dict) else {}
+    names = [k for k in settings["recipe"] if recipe.get(k) != settings["recipe"][k]]
     return names + [k for k in settings if k != "recipe" and saved.get(k) != settings[k]]
 
 
@@ -1294,12 +1295,12 @@ class SeedProgress:
         if self.file.is_file():
             try:
                 saved = load_torch_file(self.file, "")
-                if not (isinstance(saved, dict) and "settings" in saved and isinstance(saved.get("run"), dict)
+                if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and isinstance(saved.get("run"), dict)
                         and {"model", "average", "optimizers", "scaler", "generator", "step", "history", "seconds"}
                         <= saved["run"].keys() and isinstance(saved["run"]["history"], list)):
                     raise UserError(f"{self.file}: not a progress file of `train`")
             except UserError as error:
-                return self.start_afresh(f"{first_line(error)}")
+                return self.start_afresh(first_line(error))
             if saved["settings"] != settings:
                 return self.start_afresh(f"{self.file} was made with other settings "
                                          f"({', '.join(differences(saved['settings'], settings))})")
@@ -1321,7 +1322,9 @@ class SeedProgress:
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             self.start_afresh(f"{self.file} is damaged ({first_line(error)})")
             return False
-        log(f"resuming seed {self.seed} at epoch {len(run.history) + 1}/{run.recipe.epochs} from {self.file}")
+        done, epochs = len(run.history), run.recipe.epochs
+        log(f"resuming seed {self.seed} at epoch {done + 1}/{epochs} from {self.file}" if done < epochs else
+            f"seed {self.seed}: all {epochs} epochs were done ({self.file}); saving its model")
         return True
 
     def save(self, run):

@@ -795,3 +795,14 @@ def test_the_estimate_says_how_long_in_a_persons_words():
     line = C.estimate_line(15, 175, 6, 3, [0, 1, 2], 45)
     assert line.startswith("time: about 44 min per seed, 2 h 12 min for 3 seeds (15 epochs of ~175 s measured here)")
     assert "58 min for what is left (20 of 45 epochs)" in C.estimate_line(15, 175, 6, 1, [0, 1, 2], 20)
+
+
+@pytest.mark.parametrize("saved", [{"settings": "other", "run": {}}, {"settings": {"recipe": 3}, "run": {"history": []}},
+                                   [1, 2]])
+def test_a_progress_file_of_another_shape_starts_afresh_with_one_line(tmp_path, capsys, saved):
+    torch.save(saved, tmp_path / "progress_seed4.pt")
+    settings = C.run_settings(C.RECIPE, tiny_data(), torch.float32, torch.device("cpu"))
+    progress = C.SeedProgress(tmp_path, 4, settings, restart=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert progress.state is None and not progress.finished and not (tmp_path / "progress_seed4.pt").exists()
+    assert len(err) == 1 and err[0].startswith("seed 4: ") and err[0].endswith("; starting this seed afresh")

@@ -953,7 +953,8 @@ def command_test(args):
         print(f"{path}  {predicted}  {confidence}", flush=True)
         if args.conv_dir:
             draw_conv_maps(*figure, Path(args.conv_dir) / f"{len(scored) + failed:03d}_{path.stem}.png")
-        scored.append(named_class(path) and named_class(path) == predicted)
+        named = named_class(path)
+        scored.append(named and named == predicted)
     named = [s for s in scored if s is not None]
     if named:
         print(f"accuracy over the {len(named)} images whose names name a class: {100 * np.mean(named):.2f}% "

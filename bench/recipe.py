@@ -1,11 +1,14 @@
 """Recipes at equal training compute: each candidate trains the given seeds for the epochs that keep
 its forward MACs of one view x epochs within 1.05x of the earlier recipe's (widths 64/128/256,
-15 epochs: 65.16 M x 15, THOP), on this machine one after another; test accuracy (flip TTA, what
-`train` reports) and seconds per seed, evaluation included.
+15 epochs: 65.16 M x 15, THOP), on this machine one after another; test accuracy with the mirror
+(2 views, what `train` reported before the 6 views were shipped) and with 6 views (what `train`
+reports now), and seconds per seed, every evaluation included (the final one in 6 views).
 
     python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 --candidates "earlier (64/128/256)" \
         "widths 64/192/256" "widths 64/256/256" > bench/recipe_candidates_cpu_2core.txt
     python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 > bench/recipe_cpu_2core.txt
+
+Outputs made before the 6 views were shipped have one accuracy per candidate: the 2-view one.
 """
 import argparse
 import dataclasses
@@ -27,6 +30,12 @@ CANDIDATES = {  # name: (widths, epochs)
 SIDE_BY_SIDE = ["earlier (64/128/256)", "widths 64/256/256"]
 
 
+def mirror_accuracy(model, test, batch_size):
+    """Test accuracy of a trained model (train_seed's) with 2 views, the image and its mirror."""
+    _, confusion = C.evaluate(C.ViewAverage(model, 2), *test, batch_size)
+    return 100 * int(confusion.trace()) / len(test[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
@@ -40,16 +49,18 @@ def main():
     earlier = C.count_costs(C.build_cnn(dataclasses.replace(C.RECIPE, widths=EARLIER[0])))[0] * EARLIER[1]
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)} ({how}); seeds {' '.join(map(str, args.seeds))}", flush=True)
-    print(f"{'recipe':<22s} {'epochs':>6s} {'compute':>8s} {'test acc per seed':>22s} {'mean':>7s} {'s per seed':>10s}")
+    print(f"{'recipe':<22s} {'epochs':>6s} {'compute':>8s} {'views':>5s} {'test acc per seed':>22s} {'mean':>7s} "
+          f"{'s per seed':>10s}")
     for name in args.candidates:
         widths, epochs = CANDIDATES[name]
         recipe = dataclasses.replace(C.recipe_for(device, epochs=epochs), widths=widths)
         compute = C.count_costs(C.build_cnn(recipe))[0] * epochs / earlier
-        runs = [C.train_seed(data, seed, recipe, device, dtype)[1:] for seed in args.seeds]
-        accuracies = [history[-1]["test_accuracy"] for history, _ in runs]
-        seconds = np.mean([s for _, s in runs])
-        print(f"{name:<22s} {epochs:6d} {compute:7.2f}x {' '.join(f'{a:.2f}' for a in accuracies):>22s} "
-              f"{np.mean(accuracies):6.2f}% {seconds:10.1f}", flush=True)
+        runs = [C.train_seed(data, seed, recipe, device, dtype) for seed in args.seeds]
+        seconds = np.mean([s for _, _, s in runs])
+        mirror = [mirror_accuracy(model, data["test"], recipe.eval_batch) for model, _, _ in runs]
+        for views, accuracies in [(2, mirror), (6, [history[-1]["test_accuracy"] for _, history, _ in runs])]:
+            print(f"{name:<22s} {epochs:6d} {compute:7.2f}x {views:5d} {' '.join(f'{a:.2f}' for a in accuracies):>22s} "
+                  f"{np.mean(accuracies):6.2f}% {seconds:10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ def images_per_second(widths, batch_size, channels_last, dtype, steps=6, warmup=
 
 
 def evaluation_images_per_second(batch_size, images=2000):
-    """C.evaluate's forward pass (eval mode: each image and its mirror) in batches of batch_size."""
+    """C.evaluate's forward pass during training (each image and its mirror) in batches of batch_size."""
     torch.manual_seed(0)
-    model = C.FlipAverage(C.build_cnn(dtype=C.choose_format(torch.device("cpu"), "auto")[0])).eval()
+    model = C.ViewAverage(C.build_cnn(dtype=C.choose_format(torch.device("cpu"), "auto")[0]), 2).eval()
     x = torch.rand(images, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x[:batch_size])  # one untimed batch first

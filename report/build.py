@@ -155,7 +155,7 @@ def training_section(ctx):
 
 
 def testing_section(ctx):
-    lines, _ = tested(ctx)
+    lines = tested(ctx)[0]
     return Section("(b) Output of testing an image", "made by `report`, running `test` on the model in model/",
                    [(f"python CNNclassify.py test {TEST_IMAGE}", lines)])
 

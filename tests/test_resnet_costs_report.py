@@ -48,14 +48,14 @@ def test_resnet20_unknown_layout_is_an_error(tmp_path):
 @pytest.mark.parametrize("weights,params", [(WEIGHTS_A, 269_722), (WEIGHTS_B, 272_474)])
 def test_profile_counts_resnet20_params_and_leaves_models_untouched(weights, params):
     resnet = C.load_resnet20(str(weights))
-    cnn = C.FlipAverage(C.build_cnn()).eval()  # what load_cnn gives
+    cnn = C.ViewAverage(C.build_cnn()).eval()  # what load_cnn gives
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
     rows, lines = C.cost_table(cnn, resnet)
     counted = {name: (macs, p) for name, macs, p in rows}
     assert counted["ResNet-20"][1] == params == sum(p.numel() for p in resnet.parameters())
     assert 40e6 < counted["ResNet-20"][0] < 42e6  # the published ~41M MACs
-    one_view, tta = counted["CNN (ours), one view"], counted["CNN (ours), with flip TTA"]
-    assert tta[0] == 2 * one_view[0] and tta[1] == one_view[1] == sum(p.numel() for p in cnn.parameters())
+    one_view, tta = counted["CNN (ours), one view"], counted["CNN (ours), with 6-view TTA"]
+    assert tta[0] == 6 * one_view[0] and tta[1] == one_view[1] == sum(p.numel() for p in cnn.parameters())
     after = cnn.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(hasattr(m, "total_ops") for m in list(cnn.modules()) + list(resnet.modules()))

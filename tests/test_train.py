@@ -153,6 +153,21 @@ def test_flip_and_translate_are_batched_views_of_the_input():
     assert torch.equal(shifted[2], images[2])  # offset (2, 2) is no shift
 
 
+def test_view_average_weighs_the_mirror_and_one_pixel_shifts_as_airbench():
+    model = C.build_cnn().eval()
+    x = torch.rand(3, 3, 32, 32)
+    padded = torch.nn.functional.pad(x, (1,) * 4, mode="reflect")
+    with torch.no_grad():
+        mirror = (model(x) + model(x.flip(-1))) / 2
+        shifted = [(model(v) + model(v.flip(-1))) / 2 for v in (padded[..., :32, :32], padded[..., 2:, 2:])]
+        assert torch.allclose(C.ViewAverage(model, 2)(x), mirror, atol=1e-5)
+        six = C.ViewAverage(model)(x)  # the default: what load_cnn gives
+    assert torch.allclose(six, mirror / 2 + (shifted[0] + shifted[1]) / 4, atol=1e-5)
+    assert not torch.allclose(six, mirror, atol=1e-5)  # the shifted views do count
+    with pytest.raises(ValueError, match="views must be 2 or 6"):
+        C.ViewAverage(model, 4)
+
+
 def test_loader_shuffles_each_epoch_and_alternates_flips():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous()
     images[:, :, :, :16] = 255  # left half white: a flip is visible
@@ -213,8 +228,8 @@ def test_save_load_round_trip(tmp_path):
     C.save_checkpoint(tmp_path / "m.pt", model, {"seed": 3})
     loaded = C.load_cnn(tmp_path / "m.pt")  # float32, the format the model was built with
     x = torch.rand(4, 3, 32, 32)
-    with torch.no_grad():  # load_cnn gives the model with flip TTA, in eval mode
-        assert torch.equal(C.FlipAverage(model).eval()(x), loaded(x))
+    with torch.no_grad():  # load_cnn gives the model with its 6-view TTA, in eval mode
+        assert torch.equal(C.ViewAverage(model).eval()(x), loaded(x))
     assert not loaded.training
     checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
     assert checkpoint["classes"] == list(C.CLASSES) and checkpoint["seed"] == 3
@@ -454,7 +469,7 @@ def test_epoch_seconds_come_from_the_timed_steps_and_evaluation():
     recipe = dataclasses.replace(C.RECIPE, epochs=1, batch_size=32, whitening_images=96, eval_batch=64)
     seconds, setup = C.seconds_per_epoch(tiny_data(), recipe, torch.device("cpu"), torch.float32, clock=clock)
     assert seconds == pytest.approx(3 * 0.5 + 0.5)  # 96 images = 3 steps of 32; 32 test images in one go
-    assert setup == pytest.approx(0.5)
+    assert setup == pytest.approx(0.5 + 2 * 0.5)  # the set-up, and the final evaluation's 4 extra views (2x the 2-view one)
 
 
 def test_budget_too_small_is_refused_before_training(tmp_path):

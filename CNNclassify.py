@@ -309,8 +309,8 @@ class ViewAverage(nn.Module):
     """Test-time augmentation: the CNN's logits averaged over views of each image, all in one
     batch. views=2: the image and its mirror. views=6 (airbench's; what load_cnn gives): those
     two at weight 1/4 each, and both again shifted one pixel up-left and one down-right (reflect
-    padding) at 1/8 each; on the three shipped models it scored 0.17 points above 2 views
-    (bench/tta_seeds_cpu_2core.txt) for 1.55x the latency. Training uses one view."""
+    padding) at 1/8 each; on the three shipped models it scored 0.17 points above 2 views, for
+    1.3x the latency (bench/tta_cpu_2core.txt). Training uses one view."""
 
     def __init__(self, cnn, views=6):
         super().__init__()

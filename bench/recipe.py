@@ -7,6 +7,8 @@ reports now), and seconds per seed, every evaluation included (the final one in 
     python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 --candidates "earlier (64/128/256)" \
         "widths 64/192/256" "widths 64/256/256" > bench/recipe_candidates_cpu_2core.txt
     python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 > bench/recipe_cpu_2core.txt
+    python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 1 --candidates "widths 64/240/256" \
+        > bench/recipe_240_9_cpu_2core.txt
 
 Outputs made before the 6 views were shipped have one accuracy per candidate: the 2-view one.
 """
@@ -26,6 +28,7 @@ CANDIDATES = {  # name: (widths, epochs)
     "earlier (64/128/256)": EARLIER,
     "widths 64/192/256": ((64, 192, 256), 11),
     "widths 64/256/256": ((64, 256, 256), 8),
+    "widths 64/240/256": ((64, 240, 256), 9),
 }
 SIDE_BY_SIDE = ["earlier (64/128/256)", "widths 64/256/256"]
 

@@ -32,7 +32,6 @@ def accuracy(model, images, labels):
     return 100 * int(confusion.trace()) / len(labels)
 
 
-@torch.inference_mode()
 def latency_ms(model, iterations=300):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return 1000 * float(np.median(C.time_inference(model, x, 20, iterations)))

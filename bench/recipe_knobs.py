@@ -8,8 +8,14 @@ multiple of the earlier recipe's (64/128/256, 15 epochs), and seconds (evaluatio
 A variant is NAME:FIELD=VALUE[,FIELD=VALUE...], values as Python literals, e.g.
 "muon_hi:muon_lr_per_1024=0.24" or "w48x10:widths=(48,256,256),epochs=10".
 
-    python bench/recipe_knobs.py --data-dir ../shared/cifar10 --seeds 0 --variants <see the output's header> \
-        > bench/recipe_knobs_cpu_2core.txt
+    python bench/recipe_knobs.py --data-dir ../shared/cifar10 --seeds 0 --variants "w48x10:widths=(48,256,256),epochs=10" \
+        "muon_hi:muon_lr_per_1024=0.24" "muon_lo:muon_lr_per_1024=0.12" > bench/recipe_knobs_cpu_2core.txt
+    python bench/recipe_knobs.py --data-dir ../shared/cifar10 --seeds 1 2 --variants "w48x10:widths=(48,256,256),epochs=10" \
+        >> bench/recipe_knobs_cpu_2core.txt
+
+(The first run also listed decay_hi:decay_per_1024=4e-3 and lr_hi:lr_per_1024=2.25; it was stopped
+for time after the three above, so its header names them.) Muon lr 0.12 on seeds 1 and 2 was run
+as `train` itself: bench/muon_lr_012_cpu_2core.txt.
 """
 import argparse
 import ast

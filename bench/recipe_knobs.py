@@ -35,28 +35,24 @@ EXTRA_DECAYS = (0.95, 0.99, 0.995)
 
 
 def parse_variant(text):
-    """NAME:FIELD=VALUE,... -> (name, {field: value}); field names are Recipe's."""
+    """NAME:FIELD=VALUE,... -> (name, {field: value}); the settings are read as a call's keyword
+    arguments (Python's own parser), their values as literals; field names are Recipe's."""
     name, _, settings = text.partition(":")
-    fields = {}
-    for item in split_settings(settings):
-        field, _, value = item.partition("=")
-        if field not in {f.name for f in dataclasses.fields(C.Recipe)}:
-            raise SystemExit(f"{text}: {field!r} is not a Recipe field")
-        fields[field] = ast.literal_eval(value)
+    try:
+        keywords = ast.parse(f"variant({settings})", mode="eval").body.keywords
+        fields = {keyword.arg: ast.literal_eval(keyword.value) for keyword in keywords}
+    except (SyntaxError, ValueError) as error:
+        raise SystemExit(f"{text}: not NAME:FIELD=VALUE,... ({error})") from None
+    unknown = fields.keys() - {field.name for field in dataclasses.fields(C.Recipe)}
+    if unknown:
+        raise SystemExit(f"{text}: {', '.join(sorted(unknown))} not Recipe fields")
     return name, fields
 
 
-def split_settings(settings):
-    """Split FIELD=VALUE pairs on the commas outside parentheses."""
-    items, depth, current = [], 0, ""
-    for char in settings:
-        depth += (char == "(") - (char == ")")
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    return [item for item in items + [current] if item]
+def six_view_accuracy(model, test, batch_size):
+    """Test accuracy of a trained model with the 6 views the shipped model uses."""
+    _, confusion = C.evaluate(C.ViewAverage(model, 6), *test, batch_size)
+    return 100 * int(confusion.trace()) / len(test[1])
 
 
 class ExtraAverages:
@@ -99,9 +95,7 @@ def main():
                 model, history, seconds = C.train_seed(data, seed, recipe, device, dtype)
             finally:
                 C.update_average = shipped_update
-            test_x, test_y = data["test"]
-            ema = {str(d): round(100 * int(C.evaluate(C.ViewAverage(average.cpu(), 6), test_x, test_y,
-                                                      recipe.eval_batch)[1].trace()) / len(test_y), 2)
+            ema = {str(d): round(six_view_accuracy(average.cpu(), data["test"], recipe.eval_batch), 2)
                    for d, average in extras.averages.items()}
             print(json.dumps({"variant": name, "fields": {k: str(v) for k, v in fields.items()}, "seed": seed,
                               "compute": round(compute, 3),

@@ -42,7 +42,7 @@ python3 CNNclassify.py test test_images/car.png --device "$DEVICE" --model "$OUT
 # 2. torch.compile, eager against compiled training steps.
 timeout "$BENCH_SECONDS" python3 bench/compile.py --device "$DEVICE" > "$OUT/compile_$card.txt" 2>&1 || echo "compile bench: exit $?" >> "$OUT/compile_$card.txt"
 
-# 3. Recipe variants, seed 0 (batch, epochs, widths), while time is left.
+# 3. Recipe variants, seeds 0 1 2 each (widths, epochs, batch), in order, while time is left.
 timeout "$BENCH_SECONDS" python3 bench/gpu_sweep.py --device "$DEVICE" --data-dir "$DATA" --subset "$SUBSET" > "$OUT/sweep_$card.txt" 2>&1 \
     || echo "sweep: exit $? (cut at $BENCH_SECONDS s)" >> "$OUT/sweep_$card.txt"
 rm -rf "$OUT/model/"*.pt

@@ -1,8 +1,9 @@
 """Recipe variants on a GPU, a few seeds each: what batch size, epochs and widths give there,
 for choosing DEVICE_DEFAULTS["gpu"] and the recipe (run by bench/gpu_check.sh, which cuts it
 after a while: the variants are in order of what they decide). First the open question of the
-CPU benches: widths 48/256/256 for 10 epochs scored +0.13 over the shipped 64/256/256 x 8 on 3
-seeds (bench/recipe_knobs_cpu_2core.txt) for about 1.1x the time; 64/256/256 x 9 is the shipped
+CPU benches: widths 48/256/256 for 10 epochs scored +0.06 over the shipped 64/256/256 x 8 on 4
+paired seeds (bench/recipe_knobs_cpu_2core.txt, bench/recipe_w48_zen2_cpu_2core.txt) for about
+1.1x the time on a bfloat16 CPU; 64/256/256 x 9 is the shipped
 net given that time, so the pair says whether the narrower first block or the time bought it.
 
     python bench/gpu_sweep.py --data-dir /tmp/cifar10 [--device cuda] [--seeds 0 1 2]

@@ -9,8 +9,9 @@ reports now), and seconds per seed, every evaluation included (the final one in 
     python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 > bench/recipe_cpu_2core.txt
     python bench/recipe.py --data-dir ../shared/cifar10 --seeds 0 1 --candidates "widths 64/240/256" \
         > bench/recipe_240_9_cpu_2core.txt
-    python bench/recipe.py --data-dir ../shared/cifar10 --estimate --candidates "earlier (64/128/256)" \
-        "widths 64/256/256" "widths 48/256/256" > bench/recipe_estimate_zen2_cpu_2core.txt
+    (grep -m3 -E "^(cpu family|model|model name)" /proc/cpuinfo | sed 's/^/# /'; python bench/recipe.py \
+        --data-dir ../shared/cifar10 --estimate --candidates "earlier (64/128/256)" "widths 64/256/256" \
+        "widths 48/256/256") > bench/recipe_estimate_zen2_cpu_2core.txt
     (grep -m3 -E "^(cpu family|model|model name)" /proc/cpuinfo | sed 's/^/# /'; python bench/recipe.py \
         --data-dir ../shared/cifar10 --seeds 0 --candidates "widths 48/256/256") > bench/recipe_w48_zen2_cpu_2core.txt
 

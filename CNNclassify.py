@@ -1,16 +1,12 @@
 """CNNclassify: train, test and measure a CIFAR-10 CNN from one script.
 
-    python CNNclassify.py train [--seeds 0 1 2]   train, save model/, plot accuracy (resumes if stopped)
-    python CNNclassify.py train --budget 900      as many epochs as fit in 900 s here
-    python CNNclassify.py test IMAGE              predict a photo, save CONV_rslt.png
-    python CNNclassify.py resnet20                accuracy of a pretrained ResNet-20
-    python CNNclassify.py profile                 MACs and parameters (THOP)
-    python CNNclassify.py speed                   single-image inference time
+    python CNNclassify.py train [--seeds 0 1 2] [--preset efficient|accurate]
+    python CNNclassify.py test IMAGE [IMAGE ...]    predict, save CONV_rslt.png
+    python CNNclassify.py evaluate | resnet20 | profile | speed
 
-The file reads top to bottom: settings, data and loader, model, training, evaluation and
-prediction, test and CONV_rslt, ResNet-20, costs, command line, then the machinery around
-them (number format, machine, files). The report and the zip to hand in are made by
-report/build.py beside it: python report/build.py report|submit.
+Read top to bottom: settings, data, model, training, evaluation, test, ResNet-20, costs, train's
+seeds and resuming, command line, then the machinery (number format, machine, files). The
+report and the zip to hand in are made by report/build.py beside it.
 """
 
 import argparse
@@ -18,7 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import inspect
+import io
 import itertools
 import json
 import os
@@ -60,49 +56,60 @@ CIFAR_TEST_FILE = "test_batch"
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """The training recipe. Most of it follows airbench94 and airbench94_muon (Keller Jordan,
-    arXiv 2404.00498) and David Page's "How to train your ResNet": a frozen patch-whitening
-    first layer, BatchNorm with only a bias, GELU, label smoothing, Muon for the conv filters
-    and Nesterov SGD for the rest, a short warm-up and a linear decay, alternating flips,
-    2-pixel translations and flip test-time augmentation; what is evaluated and saved is a
-    moving average of the weights. Replaced (dataclasses.replace), never changed in place."""
+    """The training recipe, after airbench94_muon (Keller Jordan) and David Page's "How to train
+    your ResNet": a frozen patch-whitening first layer, BatchNorm with only a bias, GELU, label
+    smoothing, Muon for the conv filters and Nesterov SGD for the rest, warm-up then linear
+    decay, alternating flips and 2-pixel shifts; what is saved is a moving average of the
+    weights. Replaced (dataclasses.replace), never changed in place."""
     batch_size: int = 256
     epochs: int = 8
     eval_batch: int = 64
-    lr_per_1024: float = 1.5       # peak lr of the batch-mean loss is this x batch_size / 1024
-    bias_lr_scale: float = 64.0    # BatchNorm biases learn this much faster (airbench94)
+    lr_per_1024: float = 1.5       # SGD's peak lr is this x batch_size / 1024
+    bias_lr_scale: float = 64.0    # BatchNorm biases learn this much faster
     momentum: float = 0.85
-    decay_per_1024: float = 2e-3   # weight decay per step at peak lr is this x batch_size / 1024
+    decay_per_1024: float = 2e-3   # weight decay per step at peak lr, x batch_size / 1024
     warmup_fraction: float = 0.2   # lr rises from 0.2x to 1x over this share of steps
     label_smoothing: float = 0.2
     translate: int = 2             # random shift in pixels, reflect padding
-    widths: tuple = (64, 256, 256)  # airbench's; at 8 epochs the same compute as 64/128/256 at 15 gave +0.3
+    widths: tuple = (64, 256, 256)
     bn_momentum: float = 0.4
     logit_scale: float = 1 / 9
-    average_decay: float = 0.98    # evaluated and saved weights: moving average of the trained ones
+    average_decay: float = 0.98    # the saved weights: a moving average of the trained ones
     whitening_images: int = 5000
-    whitening: tuple = ((2, 12), (5, 4))  # (patch size, directions) that fill conv1, see set_whitening
-    muon_lr_per_1024: float = 0.17  # Muon for the conv filters when set (0: SGD), see make_optimizers
+    whitening: tuple = ((2, 12), (5, 4))  # (patch size, directions) filling conv1: set_whitening
+    muon_lr_per_1024: float = 0.17  # Muon for the conv filters (0: SGD), see make_optimizers
     muon_momentum: float = 0.6
+    views: int = 6                 # test-time views of the saved model (ViewAverage)
 
 
-RECIPE = Recipe()
+# "accurate": airbench94's widths, the last point of accuracy. "efficient": a narrow net for
+# more epochs in about the same training time, one test-time view (bench/README.md).
+PRESETS = {"accurate": Recipe(),
+           "efficient": Recipe(widths=(32, 144, 144), epochs=20, views=1)}
+DEFAULT_PRESET = "efficient"
+RECIPE = PRESETS[DEFAULT_PRESET]
+RECIPE_VERSION = 2  # bump when a change of the training code changes what a recipe trains
 
-# What differs by kind of device: the batch that keeps it busy, the epochs for that batch and
-# the evaluation batch. A 2-core CPU is fastest with small batches (bench/throughput.py:
-# evaluation in batches of 64 runs 1.9x faster than in batches of 1000); a GPU needs large
-# ones to fill it (batch 1024 gave 93.46% on an H200 with the earlier 64/128/256 recipe).
-DEVICE_DEFAULTS = {
-    "cpu": {"batch_size": 256, "epochs": 8, "eval_batch": 64},
-    "gpu": {"batch_size": 1024, "epochs": 8, "eval_batch": 2000},
-}
+# By kind of device: the training batch that keeps it busy, and the evaluation batch.
+DEVICE_DEFAULTS = {"cpu": {"batch_size": 256, "eval_batch": 64},
+                   "gpu": {"batch_size": 1024, "eval_batch": 2000}}
 
 
-def recipe_for(device, batch_size=None, epochs=None):
-    """RECIPE with the batch size and epochs given, or those of the device's kind."""
-    defaults = DEVICE_DEFAULTS[device_class(device)]
-    return dataclasses.replace(RECIPE, batch_size=batch_size or defaults["batch_size"],
-                               epochs=epochs or defaults["epochs"], eval_batch=defaults["eval_batch"])
+def device_class(device):
+    """"cpu" or "gpu": the key of DEVICE_DEFAULTS (CUDA and Apple MPS count as GPUs)."""
+    return "cpu" if device.type == "cpu" else "gpu"
+
+
+def recipe_for(device, batch_size=None, epochs=None, preset=DEFAULT_PRESET):
+    """The preset's recipe with the batch size and epochs given, or the device kind's batch."""
+    defaults, recipe = DEVICE_DEFAULTS[device_class(device)], PRESETS[preset]
+    return dataclasses.replace(recipe, batch_size=batch_size or defaults["batch_size"],
+                               epochs=epochs or recipe.epochs, eval_batch=defaults["eval_batch"])
+
+
+def first_line(error):
+    """An exception's message cut to its first line, for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class UserError(Exception):
@@ -117,8 +124,8 @@ def log(message):
 # ----------------------------------------------------------------------------- data and loader
 
 class BatchUnpickler(pickle.Unpickler):
-    """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays)
-    and refuses any other class, so a crafted file cannot run code when it is read."""
+    """Builds only what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays),
+    so a crafted file cannot run code when it is read."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
                ("numpy._core.multiarray", "_reconstruct")}
@@ -141,7 +148,7 @@ def read_cifar_batch(path):
         raise UserError(f"{path}: not a CIFAR-10 batch (a {type(batch).__name__}, not a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = batch.get("data"), batch.get("labels")
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape[1:] == (3072,)):
         raise UserError(f"{path}: 'data' is not a uint8 array of N x 3072 pixels")
     if not (isinstance(labels, list) and len(labels) == len(data)
             and all(isinstance(label, int) and 0 <= label < len(CLASSES) for label in labels)):
@@ -149,28 +156,25 @@ def read_cifar_batch(path):
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
 
 
-def cifar_present(data_dir):
-    folder = Path(data_dir) / CIFAR_FOLDER
-    return all((folder / name).is_file() for name in CIFAR_TRAIN_FILES + [CIFAR_TEST_FILE])
-
-
 def ensure_cifar(data_dir, url=None, md5=None):
     """Download and unpack the official archive (MD5 checked) unless the batches are there.
     Per-file checksums are not checked: a local copy may be rebuilt in another order."""
+    folder = Path(data_dir) / CIFAR_FOLDER
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir}: is a file, not a folder; give the folder that holds "
                         f"{CIFAR_FOLDER}/ (or a new one to download it into)")
-    if cifar_present(data_dir):
+    present = lambda: all((folder / name).is_file() for name in CIFAR_TRAIN_FILES + [CIFAR_TEST_FILE])
+    if present():
         return
-    url, md5 = url or CIFAR_URL, md5 or CIFAR_MD5
     from torchvision.datasets.utils import download_and_extract_archive
+    url = url or CIFAR_URL
     log(f"CIFAR-10 not found in {data_dir}; downloading {url}")
     try:
-        download_and_extract_archive(url, download_root=str(data_dir), md5=md5)
+        download_and_extract_archive(url, download_root=str(data_dir), md5=md5 or CIFAR_MD5)
     except Exception as error:  # network down, bad checksum, bad archive: all one message
         raise UserError(f"could not get CIFAR-10 ({type(error).__name__}: {first_line(error)}); put the "
                         f"'{CIFAR_FOLDER}' folder inside {data_dir} or pass --data-dir") from None
-    if not cifar_present(data_dir):
+    if not present():
         raise UserError(f"the archive from {url} did not contain {CIFAR_FOLDER}/")
 
 
@@ -295,7 +299,8 @@ class CNN(nn.Module):
         self.compute_dtype = compute_dtype
 
     def first_layer(self, x):
-        """Normalised input through conv1, kept in float32: what CONV_rslt.png shows."""
+        """Normalised input through conv1: what CONV_rslt.png shows (inside forward's autocast,
+        so in the model's compute format, as the shipped models were trained)."""
         return self.conv1((x - self.mean) / self.std)
 
     def forward(self, x):
@@ -306,25 +311,27 @@ class CNN(nn.Module):
 
 
 class ViewAverage(nn.Module):
-    """Test-time augmentation: the CNN's logits averaged over views of each image, all in one
-    batch. views=2: the image and its mirror. views=6 (airbench's; what load_cnn gives): those
-    two at weight 1/4 each, and both again shifted one pixel up-left and one down-right (reflect
-    padding) at 1/8 each; on the three shipped models it scored 0.17 points above 2 views, for
-    1.3x the latency (bench/tta_cpu_2core.txt). Training uses one view."""
+    """Test-time augmentation: the CNN's logits averaged over views of each image, in one batch.
+    views=1: the image alone. views=2: the image and its mirror. views=6 (airbench's): those
+    two at weight 1/4 each, and both again shifted one pixel up-left and one down-right
+    (reflect padding) at 1/8 each. Training uses one view."""
 
     def __init__(self, cnn, views=6):
         super().__init__()
-        if views not in (2, 6):
-            raise ValueError(f"views must be 2 or 6, not {views}")
+        if views not in (1, 2, 6):
+            raise ValueError(f"views must be 1, 2 or 6, not {views}")
         self.cnn, self.views = cnn, views
 
     def forward(self, x):
+        if self.views == 1:
+            return self.cnn(x)
         if self.views == 2:
             logits = self.cnn(torch.cat([x, x.flip(-1)]))
             return (logits[:len(x)] + logits[len(x):]) / 2
         padded = F.pad(x, (1,) * 4, mode="reflect")
         images = [x, padded[..., :-2, :-2], padded[..., 2:, 2:]]
-        logits = self.cnn(torch.cat([view for image in images for view in (image, image.flip(-1))])).view(6, len(x), -1)
+        views = [view for image in images for view in (image, image.flip(-1))]
+        logits = self.cnn(torch.cat(views)).view(6, len(x), -1)
         return (logits[0] + logits[1]) / 4 + (logits[2:].sum(0)) / 8
 
 
@@ -376,20 +383,31 @@ def save_checkpoint(path, model, extra):
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
-    """The trained CNN from model/ (or `path`) with its test-time augmentation (ViewAverage),
-    in eval mode, on `device`, computing in `dtype` after conv1, whatever it was trained in:
-    called on RGB floats in [0, 1], N x 3 x 32 x 32, it gives the predictions `train` scored."""
+def inference_format(device, precision, trained_in):
+    """The number format `test`, `evaluate` and `speed` compute in: the one --precision names;
+    with auto, the model's training format where this machine computes it natively, else
+    float32. It follows from the model, the machine and the options alone."""
+    if precision != "auto":
+        return PRECISIONS[precision]
+    return PRECISIONS[trained_in] if trained_in in candidate_formats(device) else torch.float32
+
+
+def load_cnn(path=None, device=torch.device("cpu"), precision="auto"):
+    """The trained CNN from model/ (or `path`) with its test-time views (ViewAverage), in eval
+    mode, on `device`, computing after conv1 in inference_format's choice: called on RGB
+    floats in [0, 1], N x 3 x 32 x 32, it gives the predictions `train` scored."""
     path = path or MODEL_DIR / MAIN_MODEL
     checkpoint = load_torch_file(path, f"no trained model at {path}; run `python CNNclassify.py train` first")
     if not (isinstance(checkpoint, dict) and {"state_dict", "settings", "mean", "std"} <= checkpoint.keys()):
         raise UserError(f"{path}: not a model saved by `CNNclassify.py train`")
+    dtype = inference_format(device, precision, checkpoint.get("precision", "float32"))
     try:
         model = CNN(**checkpoint["settings"], compute_dtype=dtype, mean=checkpoint["mean"], std=checkpoint["std"])
         model.load_state_dict(checkpoint["state_dict"])
+        views = ViewAverage(model.to(memory_format=torch.channels_last), checkpoint.get("views", 6))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: its weights do not fit the CNN it describes ({first_line(error)})") from None
-    return ViewAverage(model.to(memory_format=torch.channels_last)).to(device).eval()
+    return views.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- training
@@ -564,7 +582,7 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None, progress=None):
         loss_sum, correct = train_steps(run, batches)
         synchronize(device)
         epoch_train_seconds = time.perf_counter() - start
-        views = 6 if epoch == recipe.epochs - 1 else 2
+        views = recipe.views if epoch == recipe.epochs - 1 else min(2, recipe.views)
         test_loss, confusion = evaluate(ViewAverage(run.average, views), test_x, test_y, recipe.eval_batch)
         run.seconds += time.perf_counter() - start
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / train_count,
@@ -631,9 +649,10 @@ def seconds_per_epoch(data, recipe, device, dtype, steps=4, clock=time.perf_coun
     test_x, test_y = data["test"]
     shown = min(len(test_x), 1024)
     start = clock()
-    evaluate(ViewAverage(run.average, 2), test_x[:shown].to(device), test_y[:shown].to(device), recipe.eval_batch)
+    views = min(2, recipe.views)
+    evaluate(ViewAverage(run.average, views), test_x[:shown].to(device), test_y[:shown].to(device), recipe.eval_batch)
     evaluation = (clock() - start) * len(test_x) / max(1, shown)
-    return step * len(run.loader) + evaluation, setup + 2 * evaluation
+    return step * len(run.loader) + evaluation, setup + (recipe.views / views - 1) * evaluation
 
 
 def epochs_within(budget, epoch_seconds, margin=0.95):
@@ -703,8 +722,8 @@ def command_evaluate(args):
     """`evaluate`: our CNN on the 10,000 test images: accuracy, per class, most confused pairs,
     and the confusion matrix as a picture (model/confusion.png)."""
     device = pick_device(args.device)
-    dtype = choose_format(device, args.precision)[0]
-    model = load_cnn(args.model, device, dtype)
+    model = load_cnn(args.model, device, args.precision)
+    dtype = model.cnn.compute_dtype
     ensure_writable(Path(args.out).parent)
     images, labels = load_cifar(args.data_dir)["test"]
     _, confusion = evaluate(model, images.to(device), labels.to(device), DEVICE_DEFAULTS[device_class(device)]["eval_batch"])
@@ -952,7 +971,7 @@ def command_test(args):
     out = args.out or "CONV_rslt.png"
     figure_format(out if single else Path(args.conv_dir or ".") / "x.png")
     device = pick_device(args.device)
-    model = load_cnn(args.model, device, choose_format(device, args.precision)[0])
+    model = load_cnn(args.model, device, args.precision)
     if single:
         lines, figure, _ = classify_image(files[0], model)
         print("\n".join(lines), flush=True)
@@ -1044,29 +1063,27 @@ class ResNet20(nn.Module):
 
 
 def fetch_resnet20_checkpoint(source):
-    """A local path, or a URL fetched once into the torch hub cache. The sha256 prefix in the
-    file name (torch.hub's convention, e.g. resnet20-12fca82f.th) is checked on the download
-    and again on the cached file at every use, so a file swapped in the cache is refused."""
+    """A local path, or a URL that torch.hub downloads once into its cache, checking the sha256
+    prefix in the file name (resnet20-12fca82f.th) on the download and on the cached file."""
     if "://" not in source:
         return load_torch_file(source, f"{source}: no such weights file")
-    name = source.rsplit("/", 1)[-1]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
-    prefix = torch.hub.HASH_REGEX.search(name)
-    expected = prefix.group(1) if prefix else None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / source.rsplit("/", 1)[-1]
+    prefix = torch.hub.HASH_REGEX.search(cached.name)
+    if cached.is_file() and prefix and not sha256_of(cached).startswith(prefix.group(1)):
+        raise UserError(f"checksum mismatch: {cached} does not have sha256 {prefix.group(1)}...; "
+                        "delete it to download it again")
     if not cached.is_file():
         log(f"downloading {source} to {cached}")
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(source, str(cached), hash_prefix=expected, progress=False)
-        except Exception as error:
-            if "invalid hash value" in str(error):
-                raise UserError(f"checksum mismatch: the file downloaded from {source} does not have "
-                                f"sha256 {expected}...; nothing was saved") from None
-            raise UserError(f"could not fetch ResNet-20 weights ({type(error).__name__}: {first_line(error)}); "
-                            f"download {source} into {cached} or pass --weights PATH") from None
-    if expected and not sha256_of(cached).startswith(expected):
-        raise UserError(f"checksum mismatch: {cached} does not have sha256 {expected}...; delete it to download it again")
-    return load_torch_file(cached, f"{cached}: no such weights file")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # torch.hub announces downloads on stdout
+            return torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=False,
+                                                      check_hash=True, weights_only=True)
+    except Exception as error:
+        if "invalid hash value" in str(error):
+            raise UserError(f"checksum mismatch: the file downloaded from {source} does not have "
+                            f"sha256 {prefix.group(1)}...; nothing was saved") from None
+        raise UserError(f"could not fetch ResNet-20 weights ({type(error).__name__}: {first_line(error)}); "
+                        f"download {source} into {cached} or pass --weights PATH") from None
 
 
 def load_resnet20(source=RESNET20_URL):
@@ -1103,7 +1120,7 @@ def command_resnet20(args):
     line = f"ResNet-20 test accuracy: {100 * correct / len(labels):.2f}% ({correct}/{len(labels)})"
     print(line)
     save_record(args, f"resnet20_option{model.option}", [line],
-                {"weights": args.weights, "correct": correct, "total": len(labels),
+                {"weights": args.weights, "option": model.option, "correct": correct, "total": len(labels),
                  "accuracy": 100 * correct / len(labels)}, device, torch.float32)
 
 
@@ -1119,16 +1136,19 @@ def count_costs(model):
 
 
 def cost_table(cnn, resnet):
-    """Rows (name, MACs, params) for both models (ours with one view and with its 6), and
-    the printed table."""
+    """Rows (name, MACs, params) for both models (ours as shipped, with all its test-time
+    views, and with one view when it has more), the printed table and the ratios."""
     from thop import clever_format
-    rows = [("CNN (ours), one view", *count_costs(cnn.cnn)), ("CNN (ours), with 6-view TTA", *count_costs(cnn)),
-            ("ResNet-20", *count_costs(resnet))]
+    ours = [(f"CNN (ours), {cnn.views} views", *count_costs(cnn)), ("CNN (ours), one view", *count_costs(cnn.cnn))]
+    rows = [("CNN (ours), one view", *count_costs(cnn.cnn))] if cnn.views == 1 else ours
+    rows.append(("ResNet-20", *count_costs(resnet)))
     lines = [f"{'model':<28s} {'MACs':>9s} {'params':>9s} {'MACs (exact)':>14s} {'params (exact)':>15s}"]
     for name, macs, params in rows:
         readable_macs, readable_params = clever_format([macs, params], "%.3f")
         lines.append(f"{name:<28s} {readable_macs:>9s} {readable_params:>9s} {macs:>14,d} {params:>15,d}")
     lines.append("THOP counts convolutions, linear layers and BatchNorm; input 1 x 3 x 32 x 32.")
+    lines.append(f"ours / ResNet-20, as shipped: {rows[0][1] / rows[-1][1]:.2f}x the MACs, "
+                 f"{rows[0][2] / rows[-1][2]:.2f}x the parameters")
     return rows, lines
 
 
@@ -1160,11 +1180,18 @@ def inference_speed_test(args):
     """Single-image inference time of our CNN and ResNet-20, same device and threads.
 
     args: device, precision, warmup, iterations, model (our checkpoint), weights (ResNet-20's).
-    Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "precision", "threads", "input", ...}.
+    Ours is timed as shipped (all its test-time views) in the format `test` uses, and also in
+    float32 where that differs, and with one view where it has more.
+    Returns {"models": [{name, mean_ms, median_ms, p95_ms}], "device", "precision", "threads", ...}.
     """
     device = pick_device(args.device)
-    cnn = load_cnn(args.model, device, choose_format(device, args.precision)[0])
-    models = [("CNN (ours)", cnn), ("CNN, one view", cnn.cnn), ("ResNet-20", load_resnet20(args.weights).to(device))]
+    cnn = load_cnn(args.model, device, args.precision)
+    models = [("CNN (ours)", cnn)]
+    if cnn.cnn.compute_dtype != torch.float32:
+        models.append(("CNN, float32", load_cnn(args.model, device, "float32")))
+    if cnn.views > 1:
+        models.append(("CNN, one view", cnn.cnn))
+    models.append(("ResNet-20", load_resnet20(args.weights).to(device)))
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for name, model in models:
@@ -1172,17 +1199,21 @@ def inference_speed_test(args):
         results.append({"name": name, "mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
                         "p95_ms": float(np.percentile(ms, 95))})
     return {"models": results, "device": str(device), "precision": precision_name(cnn.cnn.compute_dtype),
-            "threads": torch.get_num_threads(), "input": "1 x 3 x 32 x 32", "warmup": args.warmup,
-            "iterations": args.iterations}
+            "views": cnn.views, "threads": torch.get_num_threads(), "input": "1 x 3 x 32 x 32",
+            "warmup": args.warmup, "iterations": args.iterations}
 
 
 def speed_lines(speed):
-    lines = [f"device {speed['device']}, CNN in {speed['precision']}, {speed['threads']} torch threads, input {speed['input']}, "
-             f"{speed['warmup']} warm-up + {speed['iterations']} timed iterations",
+    lines = [f"device {speed['device']}, CNN in {speed['precision']}, {speed['threads']} torch threads, "
+             f"input {speed['input']}, {speed['warmup']} warm-up + {speed['iterations']} timed iterations",
              f"{'model':<14s} {'mean ms':>9s} {'median ms':>10s} {'p95 ms':>8s}"]
-    lines += [f"{m['name']:<14s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}" for m in speed["models"]]
-    lines.append("CNN (ours) is the model as shipped: it averages 6 views of the image (mirror x 3 one-pixel"
-                 " shifts); 'one view' skips that.")
+    lines += [f"{m['name']:<14s} {m['mean_ms']:9.3f} {m['median_ms']:10.3f} {m['p95_ms']:8.3f}"
+              for m in speed["models"]]
+    views = speed.get("views", 6)
+    lines.append(f"CNN (ours) is the model as shipped, with its {views} test-time view" + "s" * (views > 1)
+                 + ("; 'one view' skips the others" if views > 1 else "") + ".")
+    resnet = speed["models"][-1]["mean_ms"]
+    lines += [f"{m['name']} / ResNet-20: {m['mean_ms'] / resnet:.2f}x the time" for m in speed["models"][:-1]]
     return lines
 
 
@@ -1267,21 +1298,15 @@ def save_results(model_dir, runs, extra):
     return results
 
 
-RECIPE_CODE = [Recipe, Loader, translate, flip_half, CNN, conv_block, conv3x3, batch_norm, set_whitening,
-               whitening_directions, orthogonalize, Muon, make_optimizers, lr_factor, update_average, Run, train_steps,
-               ViewAverage, evaluate, train_seed]  # train_seed, ViewAverage, evaluate: what a seed's history records
-
-
 def run_settings(recipe, data, dtype, device):
     """What decides a seed's numbers: a saved model or progress file is reused only when this
-    is the same (recipe, data, number format, kind of device, the recipe's code)."""
+    is the same (recipe, data, number format, kind of device, RECIPE_VERSION)."""
     digest = hashlib.blake2b(digest_size=16)
     for images, labels in data.values():
         digest.update(images.numpy().data)
         digest.update(labels.numpy().data)
-    code = hashlib.blake2b("".join(map(inspect.getsource, RECIPE_CODE)).encode(), digest_size=16).hexdigest()
     return {"recipe": dataclasses.asdict(recipe), "data": digest.hexdigest(), "precision": precision_name(dtype),
-            "device": device.type, "code": code}
+            "device": device.type, "version": RECIPE_VERSION}
 
 
 def differences(saved, settings):
@@ -1379,15 +1404,37 @@ def model_file_bytes(recipe):
     return sum(t.numel() * t.element_size() for t in build_cnn(recipe).state_dict().values()) + 200_000
 
 
+def train_or_reuse(progress, data, recipe, device, dtype, settings, on_epoch):
+    """One seed of `train`: its saved model if it finished with these settings, else trained
+    (resumed where its progress file stopped) and saved. Prints every epoch line as an
+    uninterrupted run would. Returns (history, seconds)."""
+    print_row = lambda row: print(epoch_line(progress.seed, row, recipe.epochs), flush=True)
+    if progress.finished:
+        for row in progress.finished["history"]:
+            print_row(row)
+        return progress.finished["history"], progress.finished["train_seconds"]
+    for row in progress.state["history"] if progress.state else []:
+        print_row(row)
+    try:
+        model, history, seconds = train_seed(data, progress.seed, recipe, device, dtype,
+                                             lambda row: (print_row(row), on_epoch()), progress)
+    except TrainingFailed:
+        progress.discard()
+        raise
+    save_checkpoint(progress.model_file, model,
+                    {"seed": progress.seed, "views": recipe.views, "history": history, "train_seconds": seconds,
+                     "run_settings": settings, "precision": precision_name(dtype),
+                     "hyperparameters": dataclasses.asdict(recipe)})
+    return history, seconds
+
+
 def command_train(args):
     """`train`: one model per seed, saved in model/, with results.json and the plot.
 
     Everything that can fail is checked before the first step: the options, the device, the
-    output folder and its free space, the data and the batch size. A quick check on a subset
-    saves into model/subset/ unless --model-dir says otherwise, so it never replaces the
-    shipped model. After every epoch the seed's whole state is saved, so the same command run
-    again after a fault goes on where it stopped (SeedProgress). A seed that fails
-    (check_progress) stops the run and saves nothing of itself."""
+    output folder and its free space, the data and the batch size. A subset run saves into
+    model/subset/ unless --model-dir says otherwise. After every epoch the seed's whole state
+    is saved, so the same command run again goes on where it stopped (SeedProgress)."""
     seeds = args.seeds or [args.seed]
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: a seed is given twice")
@@ -1399,7 +1446,7 @@ def command_train(args):
     if args.batch_size and args.batch_size > train_count:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {train_count} training images; "
                         f"give at most {train_count}")
-    recipe = recipe_for(device, args.batch_size, args.epochs)
+    recipe = recipe_for(device, args.batch_size, args.epochs, args.preset)
     ensure_space(model_dir, (len(seeds) + 1 + 4) * model_file_bytes(recipe) + 1_000_000)  # 4: a progress file
     dtype, how = training_format(device, args.precision, recipe)
     epoch_seconds, setup_seconds = seconds_per_epoch(data, recipe, device, dtype)
@@ -1407,15 +1454,15 @@ def command_train(args):
         recipe = dataclasses.replace(recipe, epochs=epochs_within(args.budget, epoch_seconds))
         log(f"--budget {args.budget:g} s: {recipe.epochs} epochs of about {epoch_seconds:.1f} s each "
             f"(measured here, {precision_name(dtype)})")
-    log(f"training on {device}: batch {recipe.batch_size}, {recipe.epochs} epochs, number format {how}")
+    log(f"training the {args.preset} preset on {device}: batch {recipe.batch_size}, {recipe.epochs} epochs, "
+        f"number format {how}")
     extra = {"command": invocation(args), "machine": machine_description(device, dtype), "subset": args.subset,
-             "precision": precision_name(dtype), "precision_choice": how, "budget": args.budget,
-             "epochs": recipe.epochs, "batch_size": recipe.batch_size, "eval_batch": recipe.eval_batch,
-             "recipe": dataclasses.asdict(recipe)}
+             "preset": args.preset, "views": recipe.views, "precision": precision_name(dtype),
+             "precision_choice": how, "budget": args.budget, "epochs": recipe.epochs,
+             "batch_size": recipe.batch_size, "eval_batch": recipe.eval_batch, "recipe": dataclasses.asdict(recipe)}
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     model_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(recipe, data, dtype, device)
-    runs = []
+    settings, runs = run_settings(recipe, data, dtype, device), []
     with exclusive(model_dir):
         seed_progress = [SeedProgress(model_dir, seed, settings, args.restart) for seed in seeds]
         epochs_left = sum(0 if p.finished else recipe.epochs - p.epochs_done() for p in seed_progress)
@@ -1423,25 +1470,8 @@ def command_train(args):
         log(estimate_line(recipe.epochs, epoch_seconds, setup_seconds, seeds_left, seeds, epochs_left))
         whole_run = progress_bar(None, epochs_left, "whole run")
         for progress in seed_progress:
-            seed = progress.seed
-            print_row = lambda row: print(epoch_line(seed, row, recipe.epochs), flush=True)
-            if progress.finished:
-                history, seconds = progress.finished["history"], progress.finished["train_seconds"]
-                for row in history:
-                    print_row(row)
-            else:
-                for row in progress.state["history"] if progress.state else []:
-                    print_row(row)
-                try:
-                    model, history, seconds = train_seed(data, seed, recipe, device, dtype,
-                                                         lambda row: (print_row(row), whole_run.update()), progress)
-                except TrainingFailed:
-                    progress.discard()
-                    raise
-                save_checkpoint(progress.model_file, model,
-                                {"seed": seed, "history": history, "train_seconds": seconds, "run_settings": settings,
-                                 "precision": precision_name(dtype), "hyperparameters": dataclasses.asdict(recipe)})
-            runs.append(run_summary(seed, history, seconds))
+            history, seconds = train_or_reuse(progress, data, recipe, device, dtype, settings, whole_run.update)
+            runs.append(run_summary(progress.seed, history, seconds))
             results = save_results(model_dir, runs, extra)
             progress.discard()
         whole_run.close()
@@ -1503,9 +1533,10 @@ def option_sets():
 
     device = option_set((["--device"], {"help": "cpu, cuda, cuda:N or mps (default: the fastest present)"}),
                         (["--precision"], {"choices": ["auto", *PRECISIONS], "default": "auto",
-                                           "help": "number format after conv1; auto: `train` times a few steps "
-                                                   "in each format the hardware computes natively and keeps the "
-                                                   "fastest (cached per machine); test and speed use that choice"}))
+                                           "help": "number format after conv1; auto: `train` times a few steps in "
+                                                   "each format the hardware computes natively and keeps the "
+                                                   "fastest; test, evaluate and speed use the model's training "
+                                                   "format where this machine computes it natively, else float32"}))
     return {"device": device,
             "model": option_set((["--model"], {"default": str(MODEL_DIR / MAIN_MODEL), "help": "our CNN's model file"})),
             "weights": option_set((["--weights"], {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path or "
@@ -1519,23 +1550,16 @@ def option_sets():
 HAND_IN = "report and submit are made by report/build.py: python report/build.py report --author NAME, then submit LAST FIRST"
 
 
-def build_parser():
-    parser = Parser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0], epilog=HAND_IN)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    shared = option_sets()
-
-    def command(name, run, help, *uses):
-        p = commands.add_parser(name, help=help, description=help, parents=[shared[u] for u in uses],
-                                formatter_class=HelpFormatter)
-        p.set_defaults(run=run)
-        return p
-
-    p = command("train", command_train, "train the CNN on CIFAR-10 and save it in model/", "data", "device")
+def add_train_options(p):
+    """The options of `train` only."""
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of a single run")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", help="train once per seed, report mean and std")
+    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                   help="efficient: beats the pretrained ResNet-20 on accuracy, MACs and latency; "
+                        "accurate: the last point of accuracy, for many times the MACs")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int, help="epochs per seed (default: "
-                        + ", ".join(f"{v['epochs']} on a {k.upper()}" for k, v in DEVICE_DEFAULTS.items()) + ")")
+    length.add_argument("--epochs", type=positive_int, help="epochs per seed (default: the preset's, "
+                        + ", ".join(f"{r.epochs} {name}" for name, r in PRESETS.items()) + ")")
     length.add_argument("--budget", type=budget_seconds, metavar="SECONDS",
                         help="instead of --epochs: as many epochs as fit in SECONDS per seed here, "
                              "evaluation included (measured on a few steps first)")
@@ -1550,6 +1574,20 @@ def build_parser():
                    help="discard saved progress and finished seeds of the same settings, and train every seed "
                         "from scratch (default: seeds already trained are kept, an interrupted one resumes)")
 
+
+def build_parser():
+    parser = Parser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0], epilog=HAND_IN)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    shared = option_sets()
+
+    def command(name, run, help, *uses):
+        p = commands.add_parser(name, help=help, description=help, parents=[shared[u] for u in uses],
+                                formatter_class=HelpFormatter)
+        p.set_defaults(run=run)
+        return p
+
+    add_train_options(command("train", command_train, "train the CNN on CIFAR-10 and save it in model/", "data",
+                              "device"))
     p = command("test", command_test, "classify images and save CONV_rslt.png", "model", "device")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, WebP, TIFF, ...) or folders "
                    "of them; bare names are also looked up in test_images/")
@@ -1681,11 +1719,10 @@ def training_format(device, precision, recipe):
     return choose_format(device, precision, lambda dtype: step_seconds_in(device, dtype, recipe, min(recipe.batch_size, 256)))
 
 
-def choose_format(device, precision, measure=None):
-    """The number format after conv1, decided once per command: the one --precision names; with
-    auto, the only candidate, or the fastest candidate as measured by measure(dtype) -> seconds
-    per step, cached per machine (machine_key). Without `measure` (test, speed) a cached choice
-    is used where there is one, else float32. Returns the dtype and how it was chosen."""
+def choose_format(device, precision, measure):
+    """`train`'s number format after conv1: the one --precision names; with auto, the only
+    candidate, or the fastest as measured by measure(dtype) -> seconds per step, remembered
+    per machine (machine_key) so a resumed run keeps its format. Returns the dtype and why."""
     if precision != "auto":
         return PRECISIONS[precision], f"--precision {precision}"
     candidates = candidate_formats(device)
@@ -1693,17 +1730,16 @@ def choose_format(device, precision, measure=None):
         return PRECISIONS[candidates[0]], f"auto: {candidates[0]}, the only format computed natively here"
     key, cache = machine_key(device), read_format_cache()
     if isinstance(cache.get(key), dict) and cache[key].get("precision") in candidates:
-        return PRECISIONS[cache[key]["precision"]], f"auto: {cache[key]['precision']}, measured earlier here ({format_cache_file()})"
-    if measure is None:
-        return torch.float32, "auto: float32 (no format measured on this machine yet; `train` measures it)"
+        best = cache[key]["precision"]
+        return PRECISIONS[best], f"auto: {best}, measured fastest here earlier ({format_cache_file()})"
     seconds = {name: measure(PRECISIONS[name]) for name in candidates}
     best = min(seconds, key=seconds.get)
-    how = f"auto: {best}, measured fastest here (" + ", ".join(f"{n} {1000 * t:.0f} ms" for n, t in seconds.items()) + " per step)"
+    timings = ", ".join(f"{n} {1000 * t:.0f} ms" for n, t in seconds.items())
     try:
         write_json(format_cache_file(), {**cache, key: {"precision": best, "seconds_per_step": seconds}})
     except UserError as error:
-        log(f"note: the choice is not cached ({error})")
-    return PRECISIONS[best], how
+        log(f"note: the choice is not remembered ({error})")
+    return PRECISIONS[best], f"auto: {best}, measured fastest here ({timings} per step)"
 
 
 # ----------------------------------------------------------------------------- machinery: device and machine
@@ -1722,11 +1758,6 @@ def pick_device(name=None):
             device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
         raise UserError(f"--device {name}: no such device on this machine")
     return device
-
-
-def device_class(device):
-    """"cpu" or "gpu": the key of DEVICE_DEFAULTS (CUDA and Apple MPS count as GPUs)."""
-    return "cpu" if device.type == "cpu" else "gpu"
 
 
 def synchronize(device):
@@ -1776,11 +1807,6 @@ def progress_bar(iterable, total, description):
 
 
 # ----------------------------------------------------------------------------- machinery: files
-
-def first_line(error):
-    """An exception's message cut to its first line, for one-line errors."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
 
 def megabytes(count):
     return f"{count / 1e6:.1f} MB"

@@ -34,14 +34,14 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     device = torch.device("cpu")
-    dtype, _ = C.training_format(device, "auto", C.recipe_for(device))
+    dtype, _ = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
     machine = C.machine_description(device, dtype)
     data = C.load_cifar(args.data_dir)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)}; seed {args.seed}, {args.epochs} epochs each", flush=True)
     rows = []
     for name in args.variants:
-        recipe = dataclasses.replace(C.recipe_for(device, epochs=args.epochs), **VARIANTS[name])
+        recipe = dataclasses.replace(C.recipe_for(device, preset="accurate", epochs=args.epochs), **VARIANTS[name])
         _, history, seconds = C.train_seed(data, args.seed, recipe, device, dtype)
         rows.append((name, history[-1]["test_accuracy"], seconds))
         print(f"# {name}: {history[-1]['test_accuracy']:.2f}% in {seconds:.1f} s", flush=True)

@@ -87,7 +87,7 @@ def run_baseline(data, budget, seed):
 def run_ours(data, budget, seed):
     """What `train --budget` does: the epochs that fit in the budget, measured here first."""
     device = torch.device("cpu")
-    recipe = C.recipe_for(device)
+    recipe = C.recipe_for(device, preset="accurate")
     dtype, _ = C.training_format(device, "auto", recipe)
     epochs = C.epochs_within(budget, C.seconds_per_epoch(data, recipe, device, dtype)[0])
     _, history, seconds = C.train_seed(data, seed, dataclasses.replace(recipe, epochs=epochs), device, dtype)

@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on a CPU, 100 on a GPU)")
     args = parser.parse_args()
     device = C.pick_device(args.device)
-    recipe = C.recipe_for(device)
+    recipe = C.recipe_for(device, preset="accurate")
     dtype, how = C.training_format(device, "auto", recipe)
     steps = args.steps or (10 if device.type == "cpu" else 100)
     machine = C.machine_description(device, dtype)

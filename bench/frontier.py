@@ -23,10 +23,10 @@ def main():
     args = parser.parse_args()
     data = C.load_cifar(args.data_dir)
     device = torch.device("cpu")
-    dtype, _ = C.training_format(device, "auto", C.recipe_for(device))
+    dtype, _ = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
     rows = []
     for epochs in args.epochs:
-        _, history, seconds = C.train_seed(data, args.seed, C.recipe_for(device, epochs=epochs), device, dtype)
+        _, history, seconds = C.train_seed(data, args.seed, C.recipe_for(device, preset="accurate", epochs=epochs), device, dtype)
         rows.append((epochs, seconds, history[-1]["test_accuracy"]))
     machine = C.machine_description(device, dtype)
     print(f"\nmachine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "

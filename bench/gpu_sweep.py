@@ -38,13 +38,13 @@ def main():
     args = parser.parse_args()
     device = C.pick_device(args.device)
     data = C.take_subset(C.load_cifar(args.data_dir), args.subset)
-    dtype, how = C.training_format(device, "auto", C.recipe_for(device))
+    dtype, how = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
     machine = C.machine_description(device, dtype)
     print(f"machine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {C.precision_name(dtype)} "
           f"({how}); seeds {' '.join(map(str, args.seeds))}", flush=True)
     print(f"{'variant':<32s} {'test acc per seed':>24s} {'mean':>7s} {'train s':>8s} {'wall s':>7s}", flush=True)
     for name, change in VARIANTS.items():
-        recipe = dataclasses.replace(C.recipe_for(device), **change)
+        recipe = dataclasses.replace(C.recipe_for(device, preset="accurate"), **change)
         start = time.perf_counter()
         runs = [C.train_seed(data, seed, recipe, device, dtype) for seed in args.seeds]
         accuracies = [history[-1]["test_accuracy"] for _, history, _ in runs]

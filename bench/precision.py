@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import CNNclassify as C  # noqa: E402
 
 CAPS = ["", "AVX512_CORE", "AVX2"]  # "" = no cap: what the CPU has
-WIDTHS = [C.RECIPE.widths, (64, 128, 256)]
+WIDTHS = [C.PRESETS["accurate"].widths, (64, 128, 256)]
 
 
 def in_process(cap, *argv):
@@ -47,7 +47,7 @@ def measure_here(widths):
     rates = {C.precision_name(d): images_per_second(widths, 256, True, d, steps=3, warmup=1)
              for d in (torch.float32, torch.bfloat16)}
     device = torch.device("cpu")
-    dtype, how = C.training_format(device, "auto", dataclasses.replace(C.recipe_for(device), widths=widths))
+    dtype, how = C.training_format(device, "auto", dataclasses.replace(C.recipe_for(device, preset="accurate"), widths=widths))
     print(json.dumps({"rates": rates, "auto": C.precision_name(dtype), "how": how}))
 
 

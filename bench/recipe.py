@@ -56,7 +56,7 @@ def print_estimates(data, candidates, steps, device, dtype, earlier):
     first = None
     for name in candidates:
         widths, epochs = CANDIDATES[name]
-        recipe = dataclasses.replace(C.recipe_for(device, epochs=epochs), widths=widths)
+        recipe = dataclasses.replace(C.recipe_for(device, preset="accurate", epochs=epochs), widths=widths)
         compute = C.count_costs(C.build_cnn(recipe))[0] * epochs / earlier
         epoch_seconds, setup_seconds = C.seconds_per_epoch(data, recipe, device, dtype, steps)
         seed_seconds = setup_seconds + epochs * epoch_seconds
@@ -74,10 +74,10 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per candidate (--estimate)")
     args = parser.parse_args()
     device = torch.device("cpu")
-    dtype, how = C.training_format(device, "auto", C.recipe_for(device))
+    dtype, how = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
     machine = C.machine_description(device, dtype)
     data = C.load_cifar(args.data_dir)
-    earlier = C.count_costs(C.build_cnn(dataclasses.replace(C.RECIPE, widths=EARLIER[0])))[0] * EARLIER[1]
+    earlier = C.count_costs(C.build_cnn(dataclasses.replace(C.PRESETS["accurate"], widths=EARLIER[0])))[0] * EARLIER[1]
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)} ({how}); seeds {' '.join(map(str, args.seeds))}", flush=True)
     if args.estimate:
@@ -86,7 +86,7 @@ def main():
           f"{'s per seed':>10s}")
     for name in args.candidates:
         widths, epochs = CANDIDATES[name]
-        recipe = dataclasses.replace(C.recipe_for(device, epochs=epochs), widths=widths)
+        recipe = dataclasses.replace(C.recipe_for(device, preset="accurate", epochs=epochs), widths=widths)
         compute = C.count_costs(C.build_cnn(recipe))[0] * epochs / earlier
         runs = [C.train_seed(data, seed, recipe, device, dtype) for seed in args.seeds]
         seconds = np.mean([s for _, _, s in runs])

@@ -78,15 +78,15 @@ def main():
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     device = torch.device("cpu")
-    dtype, how = C.training_format(device, "auto", C.recipe_for(device))
+    dtype, how = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
     machine = C.machine_description(device, dtype)
     data = C.load_cifar(args.data_dir)
-    earlier = C.count_costs(C.build_cnn(dataclasses.replace(C.RECIPE, widths=EARLIER[0])))[0] * EARLIER[1]
+    earlier = C.count_costs(C.build_cnn(dataclasses.replace(C.PRESETS["accurate"], widths=EARLIER[0])))[0] * EARLIER[1]
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)} ({how}); variants: {' '.join(args.variants)}", flush=True)
     shipped_update = C.update_average
     for name, fields in variants:
-        recipe = dataclasses.replace(C.recipe_for(device), **fields)
+        recipe = dataclasses.replace(C.recipe_for(device, preset="accurate"), **fields)
         compute = C.count_costs(C.build_cnn(recipe))[0] * recipe.epochs / earlier
         for seed in args.seeds:
             extras = ExtraAverages(shipped_update)

@@ -71,13 +71,13 @@ def main():
                         choices=["whiten_bias", "no_warmup", "batch128", "baseline"])
     args = parser.parse_args()
     device = torch.device("cpu")
-    dtype, how = C.training_format(device, "auto", C.recipe_for(device))
+    dtype, how = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
     machine = C.machine_description(device, dtype)
     data = C.load_cifar(args.data_dir)
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}, "
           f"{C.precision_name(dtype)} ({how})", flush=True)
     for variant in args.variants:
-        recipe = C.recipe_for(device, batch_size=128 if variant == "batch128" else None)
+        recipe = C.recipe_for(device, preset="accurate", batch_size=128 if variant == "batch128" else None)
         if variant == "no_warmup":
             recipe = dataclasses.replace(recipe, warmup_fraction=0.0)
         shipped = C.train_steps, C.make_optimizers

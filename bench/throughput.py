@@ -20,7 +20,7 @@ import CNNclassify as C  # noqa: E402
 def images_per_second(widths, batch_size, channels_last, dtype, steps=6, warmup=2):
     """Training steps of the shipped recipe (Muon and SGD) on random data, timed after `warmup`."""
     device = torch.device("cpu")
-    recipe = dataclasses.replace(C.recipe_for(device, batch_size, steps + warmup), widths=widths)
+    recipe = dataclasses.replace(C.recipe_for(device, batch_size, steps + warmup, "accurate"), widths=widths)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
     run = C.Run((images, torch.randint(0, 10, (batch_size,), generator=generator)), 0, recipe, device, dtype)
@@ -62,7 +62,7 @@ def main():
         print_evaluation_table()
         return
     print(f"{'widths':<15s} {'batch':>5s} {'layout':<14s} {'format':<8s} {'images/s':>9s}")
-    widths = C.RECIPE.widths
+    widths = C.PRESETS["accurate"].widths
     configs = [(widths, 256, cl, dtype) for cl in (False, True) for dtype in (torch.float32, torch.bfloat16)]
     configs += [(widths, b, True, torch.bfloat16) for b in (512, 1024)]
     configs += [(w, 256, True, torch.bfloat16) for w in [(32, 64, 128), (64, 192, 256), (64, 256, 256)]]

@@ -11,6 +11,7 @@ order, each command's output drawn like a terminal screenshot. report.json besid
 keeps the sha256 of the CNNclassify.py it prints and the author, which `submit` checks.
 """
 import argparse
+import dataclasses
 import io
 import json
 import re
@@ -49,6 +50,46 @@ def read_record(path):
     return record
 
 
+RECORD_KEYS = {  # what each record must hold for the builders; checked before anything runs
+    "results": {"command": str, "machine": dict, "runs": list, "mean": float, "std": float, "epochs": int,
+                "precision": str},
+    "run": {"seed": int, "test_accuracy": float, "train_seconds": float, "images_per_second": float,
+            "history": list},
+    "profile": {"command": str, "machine": dict, "output": list, "models": list},
+    "speed": {"command": str, "machine": dict, "output": list, "models": list},
+    "evaluate": {"command": str, "machine": dict, "output": list, "confusion": list, "accuracy": float},
+    "resnet20": {"command": str, "machine": dict, "output": list, "weights": str, "accuracy": float},
+}
+
+
+def check_record(record, kind, path):
+    """The record itself (None if missing), or a UserError naming the first key that is absent
+    or of the wrong type."""
+    if record is None:
+        return None
+    for key, kind_of in RECORD_KEYS[kind].items():
+        value = record.get(key)
+        if not isinstance(value, (int, float) if kind_of is float else kind_of) or isinstance(value, bool):
+            raise C.UserError(f"{path}: a record is malformed ('{key}' should be a {kind_of.__name__}); "
+                              "rerun the command that made it")
+    if kind == "results":
+        for run in record["runs"]:
+            check_record(run if isinstance(run, dict) else {}, "run", path)
+    return record
+
+
+def read_records(model_dir, records_dir):
+    """Every record the report is built from, read and checked: {name: record or None}."""
+    model_dir, records_dir = Path(model_dir), Path(records_dir)
+    paths = {"results": model_dir / C.RESULTS_FILE, "profile": records_dir / "profile.json",
+             "speed": records_dir / "speed.json", "evaluate": records_dir / "evaluate.json"}
+    records = {name: check_record(read_record(path), name, path) for name, path in paths.items()}
+    records["resnet20"] = [check_record(read_record(p), "resnet20", p) for p in sorted(records_dir.glob("resnet20_*.json"))]
+    machine_files = [model_dir / C.RESULTS_FILE, *sorted((C.ROOT / "bench" / "machines").glob("*.json"))]
+    records["machines"] = [check_record(read_record(p), "results", p) for p in machine_files if p.exists()]
+    return records
+
+
 def made_by(rec):
     machine = rec["machine"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
@@ -74,11 +115,13 @@ def summary_rows(results):
     """The headline rows of a training run's results."""
     runs, machine = results["runs"], results["machine"]
     seconds = [r["train_seconds"] for r in runs]
+    views = results.get("views", 6)
     reached = [seconds_to_reach(r["history"], 75.0) for r in runs]
     return [("machine (training)", f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['torch_threads']} "
              f"torch threads, {machine['device']}, {results['precision']}, torch {machine['torch']}"),
             ("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} (mean +/- numpy.std, "
-             f"seeds {', '.join(str(r['seed']) for r in runs)}; {results['epochs']} epochs)"),
+             f"seeds {', '.join(str(r['seed']) for r in runs)}; {results['epochs']} epochs, "
+             f"preset {results.get('preset', 'accurate')}, {views} test-time view{'s' * (views > 1)})"),
             ("CNN training time per seed", f"{np.mean(seconds):.0f} s mean, {max(seconds):.0f} s max "
              f"({np.mean([r['images_per_second'] for r in runs]):.0f} images/s)"),
             ("CNN first epoch end at >= 75% test accuracy", "not reached by every seed" if None in reached
@@ -88,11 +131,10 @@ def summary_rows(results):
 EARLIER_WIDTHS = [64, 128, 256]  # of every results.json made before the recipe was recorded in it
 
 
-def machine_rows(results_files):
+def machine_rows(machines):
     """One row per kind of machine that ran `train`: the widths, seconds per seed and accuracy."""
     rows = [("machine", "command", "widths", "epochs", "s per seed (max)", "test accuracy")]
-    for path in results_files:
-        results = read_record(path)
+    for results in machines:
         if results:
             widths = "/".join(map(str, results.get("recipe", {}).get("widths", EARLIER_WIDTHS)))
             rows.append((machine_class(results["machine"]), f"`{results['command']}`", widths, str(results["epochs"]),
@@ -198,6 +240,72 @@ def speed_section(ctx):
     return Section("(h) Inference time, one image", made_by(rec), [(rec["command"], rec["output"])])
 
 
+FRONTIER_RUNS = C.ROOT / "bench" / "efficient_results.json"
+FRONTIER_COSTS = C.ROOT / "bench" / "efficient_costs.json"
+BENCH_COMMAND = "python bench/efficient.py --train / --costs"
+
+
+def frontier_points(ctx):
+    """(label, MACs per image, test accuracy, latency in ms or None) of every measured model:
+    both ResNet-20s, the shipped model, and each trained candidate at 1, 2 and 6 views (mean
+    over its seeds). MACs are THOP's (recounted from the architecture, no weights needed);
+    latencies are batch-1 float32 means from the costs bench, the shipped ones from `speed`."""
+    costs = {row["candidate"]: row for row in (read_record(FRONTIER_COSTS) or {}).get("candidates", [])}
+    points = []
+    for rec in ctx["resnet20"]:
+        option = rec.get("option", "A" if "12fca82f" in str(rec["weights"]) else "B")
+        macs = C.count_costs(C.ResNet20(option, C.CIFAR_MEAN, C.CIFAR_STD))[0]
+        latency = (read_record(FRONTIER_COSTS) or {}).get(f"resnet20_option{option}_ms")
+        points.append((f"ResNet-20 ({Path(rec['weights']).name})", macs, rec["accuracy"], latency))
+    if ctx["results"] and ctx["profile"] and ctx["speed"]:
+        shipped_ms = ctx["speed"]["models"][0]["mean_ms"]
+        points.append((f"shipped ({ctx['results'].get('preset', 'accurate')})", ctx["profile"]["models"][0]["macs"],
+                       ctx["results"]["mean"], shipped_ms))
+    runs = json.loads(FRONTIER_RUNS.read_text()) if FRONTIER_RUNS.exists() else []
+    for name in dict.fromkeys(run["candidate"] for run in runs):
+        mine = [run for run in runs if run["candidate"] == name]
+        macs = C.count_costs(C.build_cnn(dataclasses.replace(C.RECIPE, widths=tuple(mine[0]["widths"]))))[0]
+        seeds = len(mine)
+        for views in ("1", "2", "6"):
+            accuracy = float(np.mean([run["accuracy_by_views"][views] for run in mine]))
+            latency = costs.get(name, {}).get("ms_float32", {}).get(views)
+            points.append((f"{name}, {views} view{'s' * (views != '1')} ({seeds} seed{'s' * (seeds > 1)})",
+                           macs * int(views), accuracy, latency))
+    return points
+
+
+def draw_frontier(points, path):
+    """Accuracy against MACs per image (log scale), each point labelled with its latency."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for label, macs, accuracy, latency in points:
+        colour = "tab:red" if label.startswith("ResNet") else "tab:green" if label.startswith("shipped") else \
+            "tab:blue"
+        ax.scatter(macs, accuracy, color=colour, s=40, zorder=3)
+        text = label + (f", {latency:.2f} ms" if latency else "")
+        ax.annotate(text, (macs, accuracy), textcoords="offset points", xytext=(5, 3), fontsize=6.5)
+    ax.set_xscale("log")
+    ax.set(xlabel="MACs per image, all test-time views (THOP, log scale)", ylabel="test accuracy (%)",
+           title="CIFAR-10: accuracy against compute (latency: batch 1, float32)")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    C.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def frontier_section(ctx):
+    """Beyond the assignment: every measured model on accuracy against MACs (the frontier)."""
+    if not FRONTIER_RUNS.exists():
+        return None
+    lines = [f"{label:<58s} {macs / 1e6:8.1f} M {accuracy:6.2f}%" + (f" {latency:6.2f} ms" if latency else "")
+             for label, macs, accuracy, latency in ctx["frontier"]]
+    return Section("Beyond the assignment: accuracy against MACs", f"drawn from bench/{FRONTIER_RUNS.name}, "
+                   f"bench/{FRONTIER_COSTS.name} and the records above (made by `{BENCH_COMMAND}`)",
+                   [("points: model, MACs per image, test accuracy, latency", lines)], image="frontier.png")
+
+
 def beyond_section(ctx):
     """Beyond the assignment, so optional: where the model errs, from `evaluate`'s record."""
     rec = ctx["evaluate"]
@@ -206,7 +314,7 @@ def beyond_section(ctx):
 
 
 BUILDERS = [code_section, training_section, testing_section, conv_section, resnet_section, plot_section,
-            costs_section, seeds_section, speed_section, beyond_section]
+            costs_section, seeds_section, speed_section, frontier_section, beyond_section]
 
 
 def weakest_class(rec):
@@ -217,21 +325,22 @@ def weakest_class(rec):
            f"{C.CLASSES[int(shares.argmax())]}, {shares.max():.1f}%)"
 
 
-def collect(model_dir, records_dir, test):
-    """The report's summary rows, sections (a)-(h) and figures {name: draw(path)}, read from
-    the records (writing nothing), and the commands that make what is missing. `test` is what
-    `test car.png` gave on the main model: its lines and figure, or None without a model."""
-    model_dir, records_dir = Path(model_dir), Path(records_dir)
-    results = read_record(model_dir / C.RESULTS_FILE)
-    ctx = {"model_dir": model_dir, "results": results, "profile": read_record(records_dir / "profile.json"),
-           "speed": read_record(records_dir / "speed.json"), "evaluate": read_record(records_dir / "evaluate.json"),
-           "resnet20": [read_record(p) for p in sorted(records_dir.glob("resnet20_*.json"))]}
+def collect(model_dir, records, test):
+    """The report's summary rows, sections (a)-(h) and figures {name: draw(path)}, from the
+    checked records (writing nothing), and the commands that make what is missing. `test` is
+    what `test car.png` gave on the main model: its lines and figure, or None without a model."""
+    model_dir = Path(model_dir)
+    results = records["results"]
+    ctx = {"model_dir": model_dir, **records}
     missing, figures, summary = [], {}, []
     if test:
         ctx["test"] = test
         figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*test[1], path)
     if (model_dir / "accuracy.png").exists():
         figures["accuracy.png"] = lambda path: C.copy_atomically(model_dir / "accuracy.png", path)
+    if FRONTIER_RUNS.exists():
+        ctx["frontier"] = frontier_points(ctx)
+        figures["frontier.png"] = lambda path: draw_frontier(ctx["frontier"], path)
     if ctx["evaluate"]:
         confusion = torch.tensor(ctx["evaluate"]["confusion"])
         figures["confusion.png"] = lambda path: C.draw_confusion(confusion, f"CIFAR-10 test set, {C.MAIN_MODEL}: "
@@ -277,26 +386,18 @@ def write_markdown(summary, sections, author, path):
 def replace_between_markers(text, name, content):
     """Swap what stands between <!-- name:start --> and <!-- name:end --> for content."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        return text
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise C.UserError(f"the README has no '{start}' ... '{end}' markers; add them where the table goes")
     before, rest = text.split(start, 1)
     return f"{before}{start}\n{content}\n{end}{rest.split(end, 1)[1]}"
 
 
-def update_readme(summary, sections, machines, path):
-    """Rewrite README's results table, machine table and command outputs, so README never
-    re-types a number."""
-    text = path.read_text() if path.exists() else ""
-    outputs = []
-    for section in sections:
-        if section.in_readme and section.screenshots:
-            outputs += [f"{section.title} ({section.source}):", ""]
-            for command, lines in section.screenshots:
-                outputs += ["```", f"$ {command}", *lines, "```", ""]
-    text = replace_between_markers(text, "results", "\n".join(markdown_table([("item", "result"), *summary])))
-    text = replace_between_markers(text, "machines", "\n".join(markdown_table(machines)))
-    text = replace_between_markers(text, "outputs", "\n".join(outputs).rstrip())
-    C.write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+def readme_with_tables(summary, machines, path):
+    """README's text with its results and machine tables rewritten, so it never re-types a number."""
+    if not path.is_file():
+        raise C.UserError(f"--readme {path}: no such file")
+    text = replace_between_markers(path.read_text(), "results", "\n".join(markdown_table([("item", "result"), *summary])))
+    return replace_between_markers(text, "machines", "\n".join(markdown_table(machines)))
 
 
 # ----------------------------------------------------------------------------- PDF
@@ -454,15 +555,13 @@ def report(model_dir, records_dir, out_dir, author=None, readme=None):
     first; a missing item is a UserError naming the commands that make it, and nothing is
     written then, since a partial report is no hand-in."""
     out_dir, main_model = Path(out_dir), Path(model_dir) / C.MAIN_MODEL
+    records = read_records(model_dir, records_dir)  # checked before any model runs
     test = C.classify_image(C.IMAGE_DIR / TEST_IMAGE, C.load_cnn(main_model)) if main_model.exists() else None
-    try:  # only the records are read here: a bug elsewhere is not reported as a malformed record
-        summary, sections, figures, missing = collect(model_dir, records_dir, test)
-        machines = machine_rows([Path(model_dir) / C.RESULTS_FILE, *sorted((C.ROOT / "bench" / "machines").glob("*.json"))])
-    except (KeyError, TypeError, ValueError, IndexError) as error:
-        raise C.UserError(f"a record is malformed ({type(error).__name__}: {C.first_line(error)}); "
-                          "rerun the command that made it") from None
+    summary, sections, figures, missing = collect(model_dir, records, test)
+    machines = machine_rows(records["machines"])
     if missing:
         raise C.UserError("the report would miss items: " + "; ".join(missing))
+    readme_text = readme and readme_with_tables(summary, machines, Path(readme))  # before anything is written
     C.ensure_writable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, draw in figures.items():
@@ -471,7 +570,7 @@ def report(model_dir, records_dir, out_dir, author=None, readme=None):
     write_pdf(summary, sections, out_dir, author, out_dir / "report.pdf")
     C.write_json(out_dir / "report.json", {"code_sha256": C.sha256_of(C.__file__), "author": author or ""})
     if readme:
-        update_readme(summary, sections, machines, Path(readme))
+        C.write_atomically(readme, lambda tmp: Path(tmp).write_text(readme_text))
     return [out_dir / "report.md", out_dir / "report.pdf"]
 
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,17 @@ def shipped_model():
         pytest.skip("no trained model committed in model/")
     import CNNclassify
     return CNNclassify.load_cnn()
+
+
+@pytest.fixture(scope="session")
+def shipped_evaluation(tmp_path_factory, shipped_model):
+    """`evaluate --precision float32` of the shipped model on all 10,000 test images, run once
+    for every test that needs them scored: (the finished process, its record, its folder)."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    result = run_cli("evaluate", "--data-dir", CIFAR_DIR, "--records-dir", folder, "--out", folder / "c.png",
+                     "--precision", "float32")
+    record = json.loads((folder / "evaluate.json").read_text()) if result.returncode == 0 else None
+    return result, record, folder
 
 
 @pytest.fixture(scope="session", autouse=True)

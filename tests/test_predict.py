@@ -1,6 +1,7 @@
 """`test IMAGE`: what reaches the model for each kind of file, bad input, CONV_rslt.png."""
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -90,8 +91,10 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_conv_maps_are_the_first_layer_of_the_same_forward(shipped_model):
     x = torch.rand(1, 3, 32, 32)
     probabilities, maps = C.predict(shipped_model, x)
+    dtype = shipped_model.cnn.compute_dtype  # conv1 runs inside the model's autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        assert torch.equal(maps, shipped_model.cnn.first_layer(x)[0].float())
     with torch.no_grad():
-        assert torch.equal(maps, shipped_model.cnn.first_layer(x)[0])
         assert torch.allclose(probabilities, shipped_model(x).softmax(1)[0])
     assert maps.shape == (32, 28, 28)
 
@@ -266,11 +269,9 @@ def test_named_class_reads_file_and_folder_names():
     assert C.named_class(Path("catalogue/img.png")) is None  # a whole word, not a part of one
 
 
-def test_evaluate_counts_every_test_image_once(tmp_path, cifar, shipped_model):
-    result = run_cli("evaluate", "--data-dir", CIFAR_DIR, "--records-dir", tmp_path, "--out", tmp_path / "c.png",
-                     "--precision", "float32")
+def test_evaluate_counts_every_test_image_once(shipped_evaluation):
+    result, record, folder = shipped_evaluation
     assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "evaluate.json").read_text())
     confusion = np.array(record["confusion"])
     assert confusion.shape == (10, 10) and confusion.sum() == 10000 and (confusion.sum(1) == 1000).all()
     assert record["correct"] == np.trace(confusion) and record["accuracy"] == np.trace(confusion) / 100
@@ -282,4 +283,21 @@ def test_evaluate_counts_every_test_image_once(tmp_path, cifar, shipped_model):
     results = json.loads((ROOT / "model" / "results.json").read_text())
     main_run = next(run for run in results["runs"] if run["seed"] == results["main_seed"])
     assert record["accuracy"] == pytest.approx(main_run["test_accuracy"], abs=0.2)  # float32 here, any format there
-    assert cv2.imread(str(tmp_path / "c.png")).shape[0] > 500
+    assert cv2.imread(str(folder / "c.png")).shape[0] > 500
+
+
+def test_test_prints_the_same_with_any_format_cache(tmp_path, shipped_model):
+    """`test` computes in a format that follows from the model, the machine and the options:
+    `train`'s remembered format choice (another format named here) changes nothing."""
+    outputs = []
+    for name, cache in [("empty", None), ("float32", "float32"), ("bfloat16", "bfloat16")]:
+        home = tmp_path / name
+        (home / "cnnclassify").mkdir(parents=True)
+        if cache:
+            key = C.machine_key(torch.device("cpu"))
+            (home / "cnnclassify" / "number_formats.json").write_text(json.dumps({key: {"precision": cache}}))
+        env = dict(os.environ, XDG_CACHE_HOME=str(home))
+        result = run_cli("test", "car.png", "--out", tmp_path / f"{name}.png", env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1] == outputs[2] and "prediction result:" in outputs[0]

@@ -60,21 +60,24 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     out = tmp_path / "report"
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
-                      "<!-- outputs:start -->\nold output\n<!-- outputs:end -->\n")
+                      "<!-- machines:start -->\nold machines\n<!-- machines:end -->\n")
     result = report(model_dir, records, out, "--author", "Harry Potter", "--readme", readme)
     assert result.returncode == 0, result.stderr
     updated = readme.read_text()
     assert updated.startswith("intro\n<!-- results:start -->\n| item | result |")
-    assert updated.endswith("<!-- outputs:end -->\n") and "<!-- results:end -->\noutro\n" in updated
+    assert updated.endswith("<!-- machines:end -->\n") and "<!-- results:end -->\noutro\n" in updated
     assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
-    assert "old output" not in updated and "speed table" in updated and "prediction result: " in updated
+    assert "old machines" not in updated and "| machine | command | widths |" in updated
+    assert "| test car.png | prediction result: " in updated
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# CNNclassify report: Harry Potter")
     for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
                  "seed 2 epoch  2/2", "$ python CNNclassify.py train --seeds 0 1 2", "$ python CNNclassify.py test car.png"]:
         assert text in markdown
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert set(images) == {"accuracy.png", "CONV_rslt.png", "confusion.png"} and all((out / i).is_file() for i in images)
+    frontier = {"frontier.png"} if build.FRONTIER_RUNS.exists() else set()
+    assert set(images) == {"accuracy.png", "CONV_rslt.png", "confusion.png"} | frontier
+    assert all((out / i).is_file() for i in images)
     assert markdown.index("## (h)") < markdown.index("## Beyond the assignment") and "per-class table" in markdown
     assert "| CNN (ours): weakest class | cat: 90.0% of its test images" in updated
     headings = re.findall(r"^## \((\w)\)", markdown, flags=re.M)
@@ -112,15 +115,36 @@ def test_bad_results_file_is_one_line_and_changes_nothing(tmp_path, damage):
     model_dir, records = write_fixture_records(tmp_path)
     out = tmp_path / "report"
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n")
+    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n<!-- machines:start -->\n<!-- machines:end -->\n")
     assert report(model_dir, records, out).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (model_dir / "results.json").write_text(damage)
     result = report(model_dir, records, out, "--readme", readme)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and ("results.json" in result.stderr or "malformed" in result.stderr)
-    assert readme.read_text() == "<!-- results:start -->\nkept\n<!-- results:end -->\n"
+    assert readme.read_text().startswith("<!-- results:start -->\nkept\n<!-- results:end -->\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_readme_without_markers_is_refused_before_anything_is_written(tmp_path):
+    model_dir, records = write_fixture_records(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n")  # no machine table markers
+    result = report(model_dir, records, tmp_path / "report", "--readme", readme)
+    assert result.returncode == 2 and "machines:start" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "report").exists() and "kept" in readme.read_text()
+
+
+def test_a_bug_in_a_builder_is_a_traceback_not_a_malformed_record(tmp_path, monkeypatch):
+    """Only reading and checking a record is turned into a one-line error; a builder's own bug
+    must surface as itself."""
+    model_dir, records = write_fixture_records(tmp_path)
+
+    def broken(ctx):
+        return {}["no such key"]
+    monkeypatch.setattr(build, "BUILDERS", [broken, *build.BUILDERS[1:]])
+    with pytest.raises(KeyError):
+        build.report(model_dir, records, tmp_path / "report")
 
 
 def test_shipped_report_prints_the_committed_code():

@@ -48,24 +48,34 @@ def test_resnet20_unknown_layout_is_an_error(tmp_path):
 @pytest.mark.parametrize("weights,params", [(WEIGHTS_A, 269_722), (WEIGHTS_B, 272_474)])
 def test_profile_counts_resnet20_params_and_leaves_models_untouched(weights, params):
     resnet = C.load_resnet20(str(weights))
-    cnn = C.ViewAverage(C.build_cnn()).eval()  # what load_cnn gives
-    before = {k: v.clone() for k, v in cnn.state_dict().items()}
-    rows, lines = C.cost_table(cnn, resnet)
-    counted = {name: (macs, p) for name, macs, p in rows}
-    assert counted["ResNet-20"][1] == params == sum(p.numel() for p in resnet.parameters())
-    assert 40e6 < counted["ResNet-20"][0] < 42e6  # the published ~41M MACs
-    one_view, tta = counted["CNN (ours), one view"], counted["CNN (ours), with 6-view TTA"]
-    assert tta[0] == 6 * one_view[0] and tta[1] == one_view[1] == sum(p.numel() for p in cnn.parameters())
-    after = cnn.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(hasattr(m, "total_ops") for m in list(cnn.modules()) + list(resnet.modules()))
-    assert len(lines) == 5
+    for views in (6, 1):  # the accurate preset's views, the efficient one's
+        cnn = C.ViewAverage(C.build_cnn(), views).eval()  # what load_cnn gives
+        before = {k: v.clone() for k, v in cnn.state_dict().items()}
+        rows, lines = C.cost_table(cnn, resnet)
+        counted = {name: (macs, p) for name, macs, p in rows}
+        assert counted["ResNet-20"][1] == params == sum(p.numel() for p in resnet.parameters())
+        assert 40e6 < counted["ResNet-20"][0] < 42e6  # the published ~41M MACs
+        one_view = counted["CNN (ours), one view"]
+        assert one_view[1] == sum(p.numel() for p in cnn.parameters())
+        shipped = rows[0]  # ours as shipped comes first: every test-time view counted
+        assert shipped[1] == views * one_view[0] and shipped[2] == one_view[1]
+        assert len(rows) == (3 if views > 1 else 2) and len(lines) == len(rows) + 3
+        assert lines[-1] == (f"ours / ResNet-20, as shipped: {shipped[1] / counted['ResNet-20'][0]:.2f}x the MACs, "
+                             f"{shipped[2] / params:.2f}x the parameters")
+        after = cnn.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(hasattr(m, "total_ops") for m in list(cnn.modules()) + list(resnet.modules()))
 
 
 def test_inference_speed_test_times_both_models(tmp_path, shipped_model):
     args = Namespace(device="cpu", precision="auto", warmup=2, iterations=5, model=str(C.MODEL_DIR / C.MAIN_MODEL), weights=str(WEIGHTS_B))
     result = C.inference_speed_test(args)
-    assert [m["name"] for m in result["models"]] == ["CNN (ours)", "CNN, one view", "ResNet-20"]
+    shipped = C.load_cnn()
+    names = ["CNN (ours)"] + ["CNN, float32"] * (shipped.cnn.compute_dtype != torch.float32) \
+        + ["CNN, one view"] * (shipped.views > 1) + ["ResNet-20"]
+    assert [m["name"] for m in result["models"]] == names
+    lines = C.speed_lines(result)
+    assert lines[-1].startswith(f"{names[-2]} / ResNet-20: ") and lines[-1].endswith("x the time")
     for m in result["models"]:
         assert 0 < m["median_ms"] <= m["p95_ms"] and m["mean_ms"] > 0
     assert result["device"] == "cpu" and result["iterations"] == 5

@@ -501,6 +501,13 @@ def update_average(average, model, step, decay):
     torch._foreach_lerp_([a for a, _ in pairs], [m for _, m in pairs], weight)
 
 
+def set_seed(seed):
+    """Seed every generator the training touches: python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class Run:
     """One seed's training as it stands: the model and its moving average, the optimizers, the
     float16 loss scaler, the loader (its generator), the step, the history and the seconds so
@@ -564,13 +571,11 @@ def train_steps(run, batches):
 def train_seed(data, seed, recipe, device, dtype, on_epoch=None, progress=None):
     """Train one model for recipe.epochs epochs on `device`, computing in `dtype` after conv1;
     returns the moving average of its weights (on the CPU), the per-epoch history and the
-    training seconds, evaluation included. progress(run) is called after each epoch, and may
-    restore a saved run first (progress.resume); on_epoch(row) after that. A failed run
-    (check_progress) raises TrainingFailed. Train loss and accuracy are the trained
-    weights' on their augmented batches; test figures are the average's, with the mirror
-    (ViewAverage, 2 views), and after the last epoch with the 6 views the shipped model uses:
-    those cost 3x as much and move the figure a fraction of a point, so only the final
-    figure, the model's result, pays for them."""
+    seconds, evaluation included. progress(run) is called after each epoch and may restore a
+    saved run first (progress.resume); on_epoch(row) after that. A failed run raises
+    TrainingFailed. Train figures are the trained weights' on their augmented batches; test
+    figures the average's, with at most 2 views after each epoch (they only draw the curve)
+    and the recipe's own views after the last: the model's result."""
     run = Run(data["train"], seed, recipe, device, dtype)
     if progress and not progress.resume(run):
         run = Run(data["train"], seed, recipe, device, dtype)  # the saved state did not fit: afresh
@@ -603,7 +608,7 @@ class TrainingFailed(UserError):
     """A run that went wrong (diverged, stuck at chance): nothing of it may become the result."""
 
 
-CHANCE_CHECK_STEPS = 100  # by then the recipe is far above chance on CIFAR-10 (>= 75% after 196 steps)
+CHANCE_CHECK_STEPS = 100  # by then every recipe here is far above chance on CIFAR-10
 
 
 def check_progress(seed, row, steps, batch_size, lr):
@@ -1227,13 +1232,6 @@ def command_speed(args):
 
 # ----------------------------------------------------------------------------- train: seeds, resuming, results.json, the plot
 
-def set_seed(seed):
-    """Seed every generator the training touches: python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def epoch_line(seed, row, epochs):
     """The line `train` prints after each epoch (the report rebuilds it from history)."""
     return (f"seed {seed} epoch {row['epoch']:2d}/{epochs}  train loss {row['train_loss']:.4f}"
@@ -1658,11 +1656,10 @@ def precision_name(dtype):
 
 
 def native_bfloat16_cpu():
-    """Whether oneDNN can compute bfloat16 in hardware here: AVX512_BF16 or AMX, and not capped
-    below them by ONEDNN_MAX_CPU_ISA. Elsewhere it emulates bfloat16, 2-25x slower than
-    float32 (bench/precision.py), although torch still calls it "supported". Having the
-    instructions does not make bfloat16 faster (an Intel Xeon with AVX512_BF16 trains slower
-    in it), so this only makes it a candidate for choose_format."""
+    """Whether oneDNN can compute bfloat16 in hardware here: AVX512_BF16 or AMX, not capped below
+    them by ONEDNN_MAX_CPU_ISA. Elsewhere it is emulated, far slower than float32. Having the
+    instructions does not make bfloat16 faster on every CPU, so this only makes it a candidate
+    for choose_format, which measures."""
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
     return not capped and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 

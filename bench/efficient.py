@@ -9,10 +9,21 @@ in the same process, and each candidate's seconds per seed as `train` estimates 
 the accurate recipe's; run it with nothing else on the machine.
 
     python bench/efficient.py --data-dir ../shared/cifar10 --train --candidates w32-144-144x20 \
-        w24-160-160x20 --seeds 0 > bench/efficient_train_zen5_cpu_2core.txt
-    python bench/efficient.py --data-dir ../shared/cifar10 --costs > bench/efficient_costs_zen5_cpu_2core.txt
+        w24-160-160x20 w32-128-192x20 --seeds 0 > bench/efficient_train_zen5_cpu_2core.txt  # third cut short
     python bench/efficient.py --data-dir ../shared/cifar10 --candidates "accurate 64/256/256x8" \
-        --score model/cnn_seed0.pt model/cnn_seed1.pt model/cnn_seed2.pt   # before model/ was retrained
+        --score model/cnn_seed0.pt model/cnn_seed1.pt model/cnn_seed2.pt \
+        > bench/efficient_score_zen5_cpu_2core.txt     # the accurate models, before model/ was retrained
+    python CNNclassify.py train --seeds 0 1 2 --data-dir ../shared/cifar10 > model/train_log.txt
+    python bench/efficient.py --data-dir ../shared/cifar10 --candidates w32-144-144x20 \
+        --score model/cnn_seed0.pt model/cnn_seed1.pt model/cnn_seed2.pt \
+        > bench/efficient_score_shipped_zen5_cpu_2core.txt
+    python bench/efficient.py --data-dir ../shared/cifar10 --costs --candidates "accurate 64/256/256x8" \
+        w32-144-144x20 w24-160-160x20 > bench/efficient_costs_zen5_cpu_2core.txt
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/efficient.py --data-dir ../shared/cifar10 --costs --candidates \
+        "accurate 64/256/256x8" w32-144-144x20 --costs-out bench/efficient_costs_avx2.json \
+        > bench/efficient_costs_avx2_zen5_cpu_2core.txt
+    python bench/efficient.py --data-dir ../shared/cifar10 --train --candidates "accurate 64/256/256x8" \
+        --seeds 0 > bench/efficient_train_accurate_zen5_cpu_2core.txt   # its time beside the efficient seeds
 """
 import argparse
 import dataclasses

@@ -291,11 +291,36 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
     assert results["mean"] == pytest.approx(np.mean(accuracies)) and results["std"] == pytest.approx(np.std(accuracies))
     assert all(20 < a <= 100 for a in accuracies)  # 1 epoch on 2,000 images: well above chance (10%)
     assert results["runs"][0]["history"][0]["epoch"] == 1 and results["machine"]["cpu"]
+    assert results["preset"] == C.DEFAULT_PRESET and results["views"] == C.RECIPE.views
     for name in ["cnn.pt", "cnn_seed0.pt", "cnn_seed1.pt", "accuracy.png"]:
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "cnn.pt").read_bytes() == (tmp_path / "cnn_seed0.pt").read_bytes()
     conv = C.load_cnn(tmp_path / "cnn.pt").cnn.conv1
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding) == (3, 32, (5, 5), (1, 1), (0, 0))
+
+
+def test_presets_differ_only_in_widths_epochs_and_views():
+    """The accurate preset is the recipe the efficient one was derived from, field for field."""
+    accurate, efficient = (dataclasses.asdict(C.PRESETS[name]) for name in ("accurate", "efficient"))
+    assert {key for key in accurate if accurate[key] != efficient[key]} == {"widths", "epochs", "views"}
+    assert (accurate["widths"], accurate["epochs"], accurate["views"]) == ((64, 256, 256), 8, 6)
+    assert C.RECIPE == C.PRESETS[C.DEFAULT_PRESET] and efficient["views"] == 1
+
+
+def test_train_preset_accurate_end_to_end_on_real_data(tmp_path, cifar):
+    """`train --preset accurate` trains the accurate recipe (its widths, its 6 test-time views in
+    the last evaluation) and learns: one epoch on 2,000 real images lands well above chance."""
+    result = run_cli("train", "--preset", "accurate", "--epochs", "1", "--subset", "2000",
+                     "--data-dir", CIFAR_DIR, "--model-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    expected = dataclasses.asdict(C.recipe_for(torch.device("cpu"), epochs=1, preset="accurate"))
+    assert results["recipe"] == json.loads(json.dumps(expected)) and results["preset"] == "accurate"
+    assert results["views"] == 6 and results["runs"][0]["history"][-1]["test_views"] == 6
+    assert 25 < results["mean"] <= 100  # 1 epoch on 2,000 images: far above chance (10%)
+    checkpoint = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    assert checkpoint["settings"]["widths"] == [64, 256, 256] and checkpoint["views"] == 6
+    assert C.load_cnn(tmp_path / "cnn.pt").views == 6
 
 
 def test_train_help_lists_options():

@@ -31,13 +31,16 @@ import CNNclassify as C  # noqa: E402
 TEST_IMAGE = "car.png"          # the image whose `test` output and conv maps the report shows
 MAX_ZIP_BYTES = 50_000_000      # what a course's upload form takes
 NAME_PART = re.compile(r"[A-Za-z]+(-[A-Za-z]+)*")
+FRONTIER_RUNS = C.ROOT / "bench" / "efficient_results.json"    # bench/efficient.py's runs
+FRONTIER_COSTS = C.ROOT / "bench" / "efficient_costs.json"     # and its costs
 DATASET_NAMES = re.compile(r"(data_batch_\d|test_batch|batches\.meta|cifar-10.*\.(tar\.gz|zip))$")
 
 
 # ----------------------------------------------------------------------------- records
 
-def read_record(path):
-    """A JSON record as a dict; None if the file is missing; a UserError if it is unreadable."""
+def read_record(path, kind=dict):
+    """A JSON record as a dict (or `kind`); None if the file is missing; a UserError if it is
+    unreadable."""
     path = Path(path)
     if not path.exists():
         return None
@@ -45,8 +48,9 @@ def read_record(path):
         record = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise C.UserError(f"{path}: not a readable record ({C.first_line(error)}); rerun the command that made it") from None
-    if not isinstance(record, dict):
-        raise C.UserError(f"{path}: not a record (a JSON object); rerun the command that made it")
+    if not isinstance(record, kind):
+        raise C.UserError(f"{path}: not a record (a JSON {'object' if kind is dict else 'array'}); "
+                          "rerun the command that made it")
     return record
 
 
@@ -87,6 +91,8 @@ def read_records(model_dir, records_dir):
     records["resnet20"] = [check_record(read_record(p), "resnet20", p) for p in sorted(records_dir.glob("resnet20_*.json"))]
     machine_files = [model_dir / C.RESULTS_FILE, *sorted((C.ROOT / "bench" / "machines").glob("*.json"))]
     records["machines"] = [check_record(read_record(p), "results", p) for p in machine_files if p.exists()]
+    records["bench_runs"] = read_record(FRONTIER_RUNS, list) or []
+    records["bench_costs"] = read_record(FRONTIER_COSTS) or {}
     return records
 
 
@@ -240,8 +246,6 @@ def speed_section(ctx):
     return Section("(h) Inference time, one image", made_by(rec), [(rec["command"], rec["output"])])
 
 
-FRONTIER_RUNS = C.ROOT / "bench" / "efficient_results.json"
-FRONTIER_COSTS = C.ROOT / "bench" / "efficient_costs.json"
 BENCH_COMMAND = "python bench/efficient.py --train / --costs"
 
 
@@ -250,19 +254,19 @@ def frontier_points(ctx):
     both ResNet-20s, the shipped model, and each trained candidate at 1, 2 and 6 views (mean
     over its seeds). MACs are THOP's (recounted from the architecture, no weights needed);
     latencies are batch-1 float32 means from the costs bench, the shipped ones from `speed`."""
-    costs = {row["candidate"]: row for row in (read_record(FRONTIER_COSTS) or {}).get("candidates", [])}
+    costs = {row["candidate"]: row for row in ctx["bench_costs"].get("candidates", [])}
     points = []
     for rec in ctx["resnet20"]:
         option = rec.get("option", "A" if "12fca82f" in str(rec["weights"]) else "B")
         macs = C.count_costs(C.ResNet20(option, C.CIFAR_MEAN, C.CIFAR_STD))[0]
-        latency = (read_record(FRONTIER_COSTS) or {}).get(f"resnet20_option{option}_ms")
+        latency = ctx["bench_costs"].get(f"resnet20_option{option}_ms")
         points.append((f"ResNet-20 ({Path(rec['weights']).name})", macs, rec["accuracy"], latency))
     if ctx["results"] and ctx["profile"] and ctx["speed"]:
         timed = {m["name"]: m["mean_ms"] for m in ctx["speed"]["models"]}
         shipped_ms = timed.get("CNN, float32", ctx["speed"]["models"][0]["mean_ms"])  # the picture's format
         points.append((f"shipped ({ctx['results'].get('preset', 'accurate')})", ctx["profile"]["models"][0]["macs"],
                        ctx["results"]["mean"], shipped_ms))
-    runs = json.loads(FRONTIER_RUNS.read_text()) if FRONTIER_RUNS.exists() else []
+    runs = ctx["bench_runs"]
     for name in dict.fromkeys(run["candidate"] for run in runs):
         mine = [run for run in runs if run["candidate"] == name]
         macs = C.count_costs(C.build_cnn(dataclasses.replace(C.RECIPE, widths=tuple(mine[0]["widths"]))))[0]
@@ -301,7 +305,7 @@ def draw_frontier(points, path):
 
 def frontier_section(ctx):
     """Beyond the assignment: every measured model on accuracy against MACs (the frontier)."""
-    if not FRONTIER_RUNS.exists():
+    if not ctx["bench_runs"]:
         return None
     lines = [f"{label:<58s} {macs / 1e6:8.1f} M {accuracy:6.2f}%" + (f" {latency:6.2f} ms" if latency else "")
              for label, macs, accuracy, latency in ctx["frontier"]]
@@ -342,7 +346,7 @@ def collect(model_dir, records, test):
         figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*test[1], path)
     if (model_dir / "accuracy.png").exists():
         figures["accuracy.png"] = lambda path: C.copy_atomically(model_dir / "accuracy.png", path)
-    if FRONTIER_RUNS.exists():
+    if ctx["bench_runs"]:
         ctx["frontier"] = frontier_points(ctx)
         figures["frontier.png"] = lambda path: draw_frontier(ctx["frontier"], path)
     if ctx["evaluate"]:

@@ -1,7 +1,7 @@
 """The trainer as it is against the trainer of an earlier commit (CNNclassify.py read with
 `git show`): the same seed of the same recipe must give the same weights and training losses,
-bit for bit, on the CPU, for each preset (the earlier trainer given the preset's widths and
-epochs); and the seconds of each, run one after the other in this process, twice, in
+bit for bit, on the CPU, for each preset (the earlier trainer given the preset, or before
+presets existed its widths and epochs); and the seconds of each, run one after the other in this process, twice, in
 alternating order. Test figures are compared where both evaluate the same test-time views.
 
     python bench/trainer_identity.py --data-dir ../shared/cifar10 > bench/trainer_identity_cpu_2core.txt
@@ -64,7 +64,8 @@ def main():
         old = load_old_trainer(folder, args.commit)
         for preset in C.PRESETS:
             recipe = C.recipe_for(cpu, epochs=args.epochs, preset=preset)
-            old_recipe = dataclasses.replace(old.recipe_for(cpu, epochs=args.epochs), widths=recipe.widths)
+            old_recipe = (old.recipe_for(cpu, epochs=args.epochs, preset=preset) if hasattr(old, "PRESETS")
+                          else dataclasses.replace(old.recipe_for(cpu, epochs=args.epochs), widths=recipe.widths))
             runs = {f"before ({args.commit})": lambda: old.train_seed(data, 0, old_recipe, cpu, torch.float32),
                     "now": lambda: C.train_seed(data, 0, recipe, cpu, torch.float32)}
             results, seconds = timed_runs(runs)
@@ -76,7 +77,8 @@ def main():
             (old_model, old_history, _), (new_model, new_history, _) = results.values()
             same_weights = all(torch.equal(a, b) for a, b in
                                zip(old_model.state_dict().values(), new_model.state_dict().values()))
-            keys = ["train_loss", "train_accuracy"] + (["test_loss", "test_accuracy"] if recipe.views == 6 else [])
+            same_views = getattr(old_recipe, "views", 6) == recipe.views
+            keys = ["train_loss", "train_accuracy"] + (["test_loss", "test_accuracy"] if same_views else [])
             same_history = all(a[k] == b[k] for a, b in zip(old_history, new_history) for k in keys)
             print(f"{preset:<10s} same weights, bit for bit: {same_weights}; same {', '.join(keys)}: {same_history}")
 

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -345,7 +346,8 @@ def collect(model_dir, records, test):
         ctx["test"] = test
         figures["CONV_rslt.png"] = lambda path: C.draw_conv_maps(*test[1], path)
     if (model_dir / "accuracy.png").exists():
-        figures["accuracy.png"] = lambda path: C.copy_atomically(model_dir / "accuracy.png", path)
+        figures["accuracy.png"] = lambda path: C.write_atomically(
+            path, lambda tmp: shutil.copyfile(model_dir / "accuracy.png", tmp))
     if ctx["bench_runs"]:
         ctx["frontier"] = frontier_points(ctx)
         figures["frontier.png"] = lambda path: draw_frontier(ctx["frontier"], path)

@@ -1749,7 +1749,10 @@ def cpu_flags():
 
 
 def cpu_name():
-    return cpuinfo_field("model name") or platform.processor() or platform.machine()
+    """The CPU's name with its family and model numbers (a virtual machine may hide the name)."""
+    name = cpuinfo_field("model name") or platform.processor() or platform.machine()
+    family, model = cpuinfo_field("cpu family"), cpuinfo_field("model")
+    return f"{name} (family {family} model {model})" if family and model else name
 
 
 def machine_description(device, dtype):

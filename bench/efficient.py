@@ -66,8 +66,7 @@ def accuracy(model, test, batch_size):
 
 def cpu_line(device, dtype):
     m = C.machine_description(device, dtype)
-    family, model = C.cpuinfo_field("cpu family"), C.cpuinfo_field("model")
-    return (f"machine: {m['cpu']} (family {family} model {model}), {m['torch_threads']} torch threads, "
+    return (f"machine: {m['cpu']}, {m['torch_threads']} torch threads, "
             f"torch {m['torch']}, training in {C.precision_name(dtype)}")
 
 

@@ -55,7 +55,7 @@ def main():
     cpu = torch.device("cpu")
     data = C.take_subset(C.load_cifar(args.data_dir), args.subset)
     machine = C.machine_description(cpu, torch.float32)
-    print(f"machine: {machine['cpu']} (family {C.cpuinfo_field('cpu family')} model {C.cpuinfo_field('model')}), "
+    print(f"machine: {machine['cpu']}, "
           f"{machine['torch_threads']} torch threads, torch {machine['torch']}, float32; seed 0, "
           f"{args.epochs} epochs of the first {args.subset} images, batch 256")
     print(f"{'preset':<10s} {'trainer':<16s} {'test acc per epoch':<20s} {'train loss per epoch':<24s} "

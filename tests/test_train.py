@@ -368,14 +368,15 @@ def test_cpu_candidates_follow_the_hardware_and_the_onednn_cap(monkeypatch, flag
     assert C.candidate_formats(torch.device("cpu")) == expected
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def own_format_cache(monkeypatch, tmp_path):
-    """Each test starts with no measured number format."""
+    """A test of the format choice starts with no measured number format (the others share the
+    session's cache, as one user's runs do, and measure once)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "format-cache"))
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
+def fake_gpu(monkeypatch, own_format_cache):
     """A CUDA device of a chosen compute capability, without one: what candidate_formats and
     machine_key ask torch.cuda (the latest call decides what every "cuda" device reports)."""
     def with_capability(major, minor):
@@ -409,7 +410,7 @@ def test_gpu_format_is_the_fastest_measured_candidate(fake_gpu, capability, seco
     assert sorted(measure.calls) == sorted(seconds)  # each candidate timed once
 
 
-def test_slower_bfloat16_is_not_chosen_on_a_cpu_that_has_it(monkeypatch):
+def test_slower_bfloat16_is_not_chosen_on_a_cpu_that_has_it(monkeypatch, own_format_cache):
     """The Xeon of issue #16: AVX512_BF16 in its flags, bfloat16 slower than float32."""
     monkeypatch.setattr(C, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

@@ -1305,19 +1305,27 @@ class SeedProgress:
     damaged are never mixed in: one line says why, and the seed starts afresh."""
 
     def __init__(self, model_dir, seed, settings, restart):
-        self.seed, self.settings, self.state, self.finished = seed, settings, None, None
+        self.seed, self.settings = seed, settings
         self.model_file = model_dir / f"cnn_seed{seed}.pt"
         self.file = model_dir / f"progress_seed{seed}.pt"
+        self.finished = None if restart else self.finished_model()
+        self.state = None if restart or self.finished else self.saved_run()
         if restart:
-            return self.discard()
+            self.discard()
+
+    def finished_model(self):
+        """The seed's saved model, if it was made with these settings."""
         with contextlib.suppress(UserError):
             saved = load_torch_file(self.model_file, "")
-            if isinstance(saved, dict) and saved.get("run_settings") == settings:
-                self.finished = saved
-                return log(f"seed {seed}: already trained with these settings ({self.model_file});"
-                           " kept (--restart trains it again)")
+            if isinstance(saved, dict) and saved.get("run_settings") == self.settings:
+                log(f"seed {self.seed}: already trained with these settings ({self.model_file}); "
+                    "kept (--restart trains it again)")
+                return saved
+
+    def saved_run(self):
+        """The run in the progress file, if there is one of these settings (else None)."""
         if not self.file.is_file():
-            return
+            return None
         try:
             saved = load_torch_file(self.file, "")
         except UserError as error:
@@ -1326,14 +1334,15 @@ class SeedProgress:
         if not (isinstance(run, dict) and isinstance(saved.get("settings"), dict)
                 and isinstance(run.get("history"), list)):
             return self.start_afresh(f"{self.file}: not a progress file of `train`")
-        if saved["settings"] != settings:
-            changed = ", ".join(differences(saved["settings"], settings))
+        if saved["settings"] != self.settings:
+            changed = ", ".join(differences(saved["settings"], self.settings))
             return self.start_afresh(f"{self.file} was made with other settings ({changed})")
-        self.state = run
+        return run
 
     def start_afresh(self, why):
         log(f"seed {self.seed}: {why}; starting this seed afresh")
         self.discard()
+        return None
 
     def epochs_done(self):
         return len(self.state["history"]) if self.state else 0

@@ -1,10 +1,11 @@
 """The trainer as it is against the trainer of an earlier commit (CNNclassify.py read with
 `git show`): the same seed of the same recipe must give the same weights and training losses,
-bit for bit, on the CPU, for each preset (the earlier trainer given the preset, or before
-presets existed its widths and epochs); and the seconds of each, run one after the other in this process, twice, in
-alternating order. Test figures are compared where both evaluate the same test-time views.
+bit for bit, on the CPU, for each preset (the earlier trainer given the preset, or, before
+presets existed, its widths and epochs); and the seconds of each, run one after the other in
+this process, twice, in alternating order. Test figures are compared where both evaluate the
+same test-time views.
 
-    python bench/trainer_identity.py --data-dir ../shared/cifar10 > bench/trainer_identity_cpu_2core.txt
+    python bench/trainer_identity.py --data-dir ../shared/cifar10 --commit d26f2c5 > bench/trainer_identity_cpu_2core.txt
 """
 import argparse
 import contextlib

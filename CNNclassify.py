@@ -432,8 +432,10 @@ def evaluate(model, images, labels, batch_size):
 
 
 def confusion_on_test_set(model, data_dir, device):
-    """The confusion matrix of `model` on the 10,000 CIFAR-10 test images."""
-    images, labels = load_cifar(data_dir)["test"]
+    """The confusion matrix of `model` on the 10,000 CIFAR-10 test images (the test batch only
+    is read)."""
+    ensure_cifar(data_dir)
+    images, labels = read_cifar_batch(Path(data_dir) / CIFAR_FOLDER / CIFAR_TEST_FILE)
     batch = DEVICE_DEFAULTS[device_class(device)]["eval_batch"]
     return evaluate(model, images.to(device), labels.to(device), batch)[1]
 
@@ -1172,7 +1174,9 @@ def inference_speed_test(args):
     cnn = load_cnn(args.model, device, args.precision)
     models = [("CNN (ours)", cnn)]
     if cnn.cnn.compute_dtype != torch.float32:
-        models.append(("CNN, float32", load_cnn(args.model, device, "float32")))
+        in_float32 = copy.deepcopy(cnn)
+        in_float32.cnn.compute_dtype = torch.float32
+        models.append(("CNN, float32", in_float32))
     if cnn.views > 1:
         models.append(("CNN, one view", cnn.cnn))
     models.append(("ResNet-20", load_resnet20(args.weights).to(device)))
@@ -1276,8 +1280,10 @@ def save_results(model_dir, runs, extra):
                "mean": float(accuracies.mean()), "std": float(np.std(accuracies))}
     write_json(model_dir / RESULTS_FILE, results)
     plot_accuracy(runs, model_dir / "accuracy.png")
-    draw_confusion(torch.tensor(first["confusion"]), f"CIFAR-10 test set, {MAIN_MODEL} (seed "
-                   f"{first['seed']}): {first['test_accuracy']:.2f}%", model_dir / "confusion.png")
+    if len(runs) == 1:  # the first seed's, so drawn once
+        title = (f"CIFAR-10 test set, {MAIN_MODEL} (seed {first['seed']}): "
+                 f"{first['test_accuracy']:.2f}%")
+        draw_confusion(torch.tensor(first["confusion"]), title, model_dir / "confusion.png")
     return results
 
 
@@ -1520,22 +1526,25 @@ def budget_seconds(text):
 POSITIVE, NON_NEGATIVE = int_from(1), int_from(0)
 HAND_IN = ("report and submit are made by report/build.py: python report/build.py report "
            "--author NAME, then submit LAST FIRST")
-SHARED_OPTIONS = {  # options that several commands take, each declared once
-    "device": [("--device", {"help": "cpu, cuda, cuda:N or mps (default: the fastest present)"}),
-               ("--precision", {"choices": ["auto", *PRECISIONS],
-                                "default": "auto",
-                                "help": "number format after conv1; auto: `train` times a few "
-                                "steps in each format the hardware computes natively and keeps "
-                                "the fastest; test, evaluate and speed use the model's training "
-                                "format where this machine computes it natively, else float32"})],
-    "model": [("--model", {"default": str(MODEL_DIR / MAIN_MODEL),
-                           "help": "our CNN's model file"})],
-    "weights": [("--weights", {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path or URL "
-                               "(a URL is cached by torch.hub, sha256-checked)"})],
-    "data": [("--data-dir", {"default": "data", "help": "folder holding cifar-10-batches-py/ "
-                             "(downloaded there when missing)"})],
-    "records": [("--records-dir", {"default": str(RECORDS_DIR),
-                                   "help": "where results are recorded for `report`"})]}
+def shared_options():
+    """Options that several commands take, each declared once."""
+    precision = ("number format after conv1; auto: `train` times a few steps in each format the "
+                 "hardware computes natively and keeps the fastest; test, evaluate and speed use "
+                 "the model's training format where this machine computes it natively, else "
+                 "float32")
+    return {
+        "device": [("--device", {"help": "cpu, cuda, cuda:N or mps (default: the fastest "
+                                          "present)"}),
+                   ("--precision", {"choices": ["auto", *PRECISIONS], "default": "auto",
+                                    "help": precision})],
+        "model": [("--model", {"default": str(MODEL_DIR / MAIN_MODEL),
+                               "help": "our CNN's model file"})],
+        "weights": [("--weights", {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path "
+                                   "or URL (a URL is cached by torch.hub, sha256-checked)"})],
+        "data": [("--data-dir", {"default": "data", "help": "folder holding "
+                                 "cifar-10-batches-py/ (downloaded there when missing)"})],
+        "records": [("--records-dir", {"default": str(RECORDS_DIR),
+                                       "help": "where results are recorded for `report`"})]}
 
 
 def add_train_options(p):
@@ -1571,10 +1580,11 @@ def build_parser():
     parser = Parser(prog="CNNclassify.py", description=__doc__.split("\n\n")[0], epilog=HAND_IN)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=Parser)
+    options = shared_options()
 
     def command(name, run, help, *shared):
         p = commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-        for flag, settings in (option for use in shared for option in SHARED_OPTIONS[use]):
+        for flag, settings in (option for use in shared for option in options[use]):
             p.add_argument(flag, **settings)
         p.set_defaults(run=run)
         return p

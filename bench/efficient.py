@@ -101,8 +101,7 @@ def train(args, device, dtype):
                   flush=True)
             add_run(args.out, {"candidate": name, "widths": list(recipe.widths), "epochs": recipe.epochs, "seed": seed,
                          "accuracy_by_views": {str(v): a for v, a in scores.items()}, "train_seconds": seconds,
-                         "machine": C.machine_description(device, dtype), "cpu_family_model":
-                         [C.cpuinfo_field("cpu family"), C.cpuinfo_field("model")]})
+                         "machine": C.machine_description(device, dtype)})
 
 
 def latency_ms(model, x, args):
@@ -115,7 +114,7 @@ def costs(args, device, dtype):
     data = C.load_cifar(args.data_dir)
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     record = {"command": "python " + " ".join(sys.argv), "machine": C.machine_description(device, dtype),
-              "cpu_family_model": [C.cpuinfo_field("cpu family"), C.cpuinfo_field("model")], "candidates": []}
+              "candidates": []}
     for option in ("A", "B"):
         resnet = C.ResNet20(option, C.CIFAR_MEAN, C.CIFAR_STD)
         record[f"resnet20_option{option}_ms"] = latency_ms(resnet, x, args)

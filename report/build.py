@@ -283,10 +283,7 @@ def frontier_points(ctx):
 def draw_frontier(points, path):
     """Accuracy against MACs per image (log scale), each point labelled with its latency: the
     ResNet-20s in red, labelled on their left; the shipped model a green star."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig, ax = C.pyplot().subplots(figsize=(10, 6))
     for label, macs, accuracy, latency in points:
         text = label + (f", {latency:.2f} ms" if latency else "")
         resnet, shipped = label.startswith("ResNet"), label.startswith("shipped")
@@ -300,8 +297,7 @@ def draw_frontier(points, path):
            title="CIFAR-10: accuracy against compute (latency: batch 1, float32)")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    C.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    C.save_figure(fig, path, dpi=120)
 
 
 def frontier_section(ctx):

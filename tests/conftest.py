@@ -51,7 +51,8 @@ def shipped_evaluation(tmp_path_factory, shipped_model):
 @pytest.fixture(scope="session", autouse=True)
 def private_format_cache(tmp_path_factory):
     """Tests (and the commands they start) keep measured number formats in a folder of their
-    own, never in the user's cache."""
+    own, never in the user's cache; one folder for the session, as one user's runs share one,
+    so a resumed run trains in the format of the run it is compared with."""
     import os
     previous = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))

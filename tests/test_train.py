@@ -752,16 +752,9 @@ def test_second_train_into_the_same_folder_is_refused(tmp_path):
 RESUMABLE = ("train", "--seeds", "0", "1", "--epochs", "3", "--batch-size", "32")  # 320 fake images: 10 steps an epoch
 
 
-def one_user(folder):
-    """The environment of every run of these tests: one format cache, as one user's runs share
-    (with a cache per test, `auto` could time bfloat16 and float32 the other way round where
-    they are close, and train other numbers than the uninterrupted run)."""
-    return dict(os.environ, XDG_CACHE_HOME=str(folder / "cache"))
-
-
 def start_train(folder, model_dir, *more):
     return subprocess.Popen([sys.executable, str(ROOT / "CNNclassify.py"), *RESUMABLE, "--data-dir", str(folder / "data"),
-                             "--model-dir", str(model_dir), *more], env=one_user(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--model-dir", str(model_dir), *more], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def kill_after(process, line_start):
@@ -788,7 +781,7 @@ def final(model_dir):
 def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resume")
     make_fake_cifar(folder / "data" / C.CIFAR_FOLDER, n=64)
-    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", folder / "whole", env=one_user(folder))
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", folder / "whole")
     assert result.returncode == 0, result.stderr
     estimate = [line for line in result.stderr.splitlines() if line.startswith("time: about")]
     assert len(estimate) == 1 and "per seed" in estimate[0] and "for 2 seeds (3 epochs of ~" in estimate[0]
@@ -803,7 +796,7 @@ def test_sigkill_after_a_seed_and_mid_seed_then_rerun_gives_the_same_weights(uni
     seed0 = (model_dir / "cnn_seed0.pt").read_bytes()
     err = kill_after(start_train(folder, model_dir), "seed 1 epoch  2/3")  # killed again, mid-seed
     assert "seed 0: already trained with these settings" in err and "resuming seed 1 at epoch 2/3" in err
-    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir, env=one_user(folder))
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir)
     assert result.returncode == 0, result.stderr
     assert "resuming seed 1 at epoch 3/3" in result.stderr and "3 epochs" in result.stderr
     assert (model_dir / "cnn_seed0.pt").read_bytes() == seed0  # the finished seed was not trained again
@@ -819,13 +812,13 @@ def test_other_settings_or_a_damaged_progress_file_start_afresh_with_one_line(un
     folder, expected, _ = uninterrupted
     model_dir = tmp_path / "m"
     kill_after(start_train(folder, model_dir), "seed 0 epoch  1/3")
-    result = run_cli(*RESUMABLE, "--epochs", "2", "--data-dir", folder / "data", "--model-dir", model_dir, env=one_user(folder))
+    result = run_cli(*RESUMABLE, "--epochs", "2", "--data-dir", folder / "data", "--model-dir", model_dir)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if "afresh" in line]
     assert lines == [f"seed 0: {model_dir / 'progress_seed0.pt'} was made with other settings (epochs); "
                      "starting this seed afresh"]
     (model_dir / "progress_seed1.pt").write_bytes(b"half a file")
-    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir, env=one_user(folder))
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if "afresh" in line]
     assert len(lines) == 1 and lines[0].startswith("seed 1: ") and "not a readable PyTorch file" in lines[0]
@@ -837,10 +830,10 @@ def test_restart_trains_finished_seeds_again(uninterrupted, tmp_path):
     folder, expected, _ = uninterrupted
     model_dir = tmp_path / "m"
     shutil.copytree(folder / "whole", model_dir)
-    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir, env=one_user(folder))
+    result = run_cli(*RESUMABLE, "--data-dir", folder / "data", "--model-dir", model_dir)
     assert result.returncode == 0 and result.stderr.count("already trained with these settings") == 2
     assert "0 of 6 epochs" in result.stderr and result.stdout.count(" epoch ") == 6
-    result = run_cli(*RESUMABLE, "--restart", "--data-dir", folder / "data", "--model-dir", model_dir, env=one_user(folder))
+    result = run_cli(*RESUMABLE, "--restart", "--data-dir", folder / "data", "--model-dir", model_dir)
     assert result.returncode == 0 and "already trained" not in result.stderr and "for 2 seeds" in result.stderr
     weights, *recorded = final(model_dir)
     assert recorded == list(expected[1:])

@@ -72,8 +72,9 @@ class Recipe:
     bn_momentum: float = 0.4
     logit_scale: float = 1 / 9
     average_decay: float = 0.98    # the saved weights: a moving average of the trained ones
-    whitening_images: int = 5000
-    whitening: tuple = ((2, 12), (5, 4))  # (patch size, directions) filling conv1
+    whitening_images: int = 5000   # conv1 is set from the 5x5 patches of this many images
+    whitening_eps: float = 5e-4    # added to each patch variance: keeps noise from being blown up
+    conv1_trained: bool = False    # after being set from the data, conv1 stays fixed
     muon_lr_per_1024: float = 0.17  # Muon for the conv filters (0: SGD)
     muon_momentum: float = 0.6
     views: int = 6                 # test-time views of the saved model (ViewAverage)
@@ -346,30 +347,31 @@ def build_cnn(recipe=RECIPE, dtype=torch.float32, mean=None, std=None):
     return model.to(memory_format=torch.channels_last)
 
 
-def whitening_directions(x, size, count, eps):
-    """The `count` strongest directions of the size x size patches of x, each divided by the
-    square root of its variance: filters with decorrelated, unit-variance outputs."""
+def patch_covariance(x, size):
+    """Covariance of the size x size x 3 patches of x (all positions), 3*size*size square."""
     patches = F.unfold(x, kernel_size=size).transpose(1, 2).reshape(-1, 3 * size * size)
     patches = patches - patches.mean(0)
-    covariance = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    scale = (eigenvalues[-count:].flip(0) + eps).sqrt().unsqueeze(1)
-    return (eigenvectors[:, -count:].flip(1).T / scale).reshape(count, 3, size, size)
+    return patches.T @ patches / len(patches)
 
 
 @torch.no_grad()
-def set_whitening(model, images, whitening, eps=5e-4):
-    """Make conv1 a patch-whitening filter bank (airbench): per (patch size, count), the strongest
-    directions of the training patches, centred in the 5x5 kernel, and their negatives."""
+def set_whitening(model, images, eps=5e-4):
+    """Set conv1 from the data, every filter over the whole 5x5 kernel. Filters 0-11 are ZCA
+    whitening (W = U diag(1/sqrt(l + eps)) U^T of the 5x5 patches): each gives one colour of one
+    of the four centre pixels, decorrelated from its 5x5 neighbourhood, so edges and textures at
+    every frequency stand out; 12-15 are the 4 strongest principal directions (the coarse shape
+    and colour). Each output has unit variance; 16-31 are 0-15 negated (GELU follows)."""
     x = ((to_float(images) - model.mean) / model.std).double()
     k = model.conv1.kernel_size[0]
-    top = torch.zeros(model.conv1.out_channels // 2, 3, k, k, dtype=torch.double)
-    row = 0
-    for size, count in whitening:
-        at = slice(k // 2 - (size - 1) // 2, k // 2 - (size - 1) // 2 + size)
-        top[row:row + count, :, at, at] = whitening_directions(x, size, count, eps)
-        row += count
-    model.conv1.weight.copy_(torch.cat([top, -top]).float())
+    covariance = patch_covariance(x, k)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    zca = eigenvectors @ torch.diag((eigenvalues + eps).rsqrt()) @ eigenvectors.T
+    centre = [(k // 2, k // 2), (k // 2, k // 2 + 1), (k // 2 + 1, k // 2), (k // 2 + 1, k // 2 + 1)]
+    rows = zca[[c * k * k + i * k + j for c in range(3) for i, j in centre]]
+    strongest = (eigenvectors[:, -4:].flip(1) / (eigenvalues[-4:].flip(0) + eps).sqrt()).T
+    top = torch.cat([rows, strongest])
+    top = top / torch.einsum("ri,ij,rj->r", top, covariance, top).sqrt().unsqueeze(1)
+    model.conv1.weight.copy_(torch.cat([top, -top]).view(-1, 3, k, k).float())
     model.conv1.bias.zero_()
 
 
@@ -512,7 +514,7 @@ class Muon(torch.optim.Optimizer):
     angle. `dtype`: the format of the Newton-Schulz matmuls."""
 
     def __init__(self, params, lr, momentum, dtype=torch.float32):
-        super().__init__(params, {"lr": lr, "momentum": momentum})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "own_norm": False})
         self.dtype = dtype
 
     @torch.no_grad()
@@ -525,7 +527,11 @@ class Muon(torch.optim.Optimizer):
                 buffer.mul_(group["momentum"]).add_(p.grad)
                 gradient = p.grad.add(buffer, alpha=group["momentum"])
                 update = orthogonalize(gradient.reshape(len(p), -1).to(self.dtype)).view(p.shape)
-                p.mul_(len(p) ** 0.5 / p.norm())
+                # the norm is held fixed (sqrt(out channels), or a trained conv1's own from the
+                # data), so weight decay is not needed and lr alone sets how far each step turns
+                norm = self.state[p].setdefault("norm", p.norm() if group["own_norm"]
+                                                else len(p) ** 0.5)
+                p.mul_(norm / p.norm())
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
 
 
@@ -550,7 +556,10 @@ def make_optimizers(model, recipe, dtype=torch.float32):
     optimizers = [torch.optim.SGD(groups, momentum=recipe.momentum, nesterov=True)]
     if filters:
         muon_lr = recipe.muon_lr_per_1024 * scale ** 0.5
-        optimizers.append(Muon(filters, muon_lr, recipe.muon_momentum, dtype))
+        conv1 = [p for p in filters if p is model.conv1.weight]  # keeps its scale from the data
+        groups = [{"params": [p for p in filters if p is not model.conv1.weight]}]
+        groups += [{"params": conv1, "own_norm": True}] if conv1 else []
+        optimizers.append(Muon(groups, muon_lr, recipe.muon_momentum, dtype))
     for group in (g for optimizer in optimizers for g in optimizer.param_groups):
         group["peak_lr"] = group["lr"]
     return optimizers
@@ -592,7 +601,8 @@ class Run:
         pixels = to_float(images).transpose(0, 1).reshape(3, -1)
         self.model = build_cnn(recipe, dtype, mean=pixels.mean(1).tolist(),
                                std=pixels.std(1).tolist())
-        set_whitening(self.model, images[:recipe.whitening_images], recipe.whitening)
+        set_whitening(self.model, images[:recipe.whitening_images], recipe.whitening_eps)
+        self.model.conv1.weight.requires_grad_(recipe.conv1_trained)
         self.model.to(device)
         muon_dtype = torch.float32 if dtype == torch.float16 else dtype
         self.optimizers = make_optimizers(self.model, recipe, muon_dtype)

@@ -1,7 +1,8 @@
 """conv1 set from the data (ZCA + principal directions over the whole 5x5 kernel), kept fixed or
 trained with Muon at its own norm: seed 0 of the efficient preset on all of CIFAR-10, in the
 format `train` picks here; test accuracy at 1 and 2 views and each filter's share of absolute
-weight on the outer ring of its 5x5 kernel. The two variants ran side by side, one thread each:
+weight on the outer ring of its 5x5 kernel. The two variants ran side by side, one thread each (at commit 9de4e2f, with the
+trainer of 483e41d around it):
 
     python bench/conv1.py --data-dir ../shared/cifar10 --variant fixed --threads 1 > bench/conv1_fixed_zen4_cpu_2core.txt
     python bench/conv1.py --data-dir ../shared/cifar10 --variant trained --threads 1 > bench/conv1_trained_zen4_cpu_2core.txt
@@ -37,11 +38,11 @@ def main():
     cpu = torch.device("cpu")
     recipe = dataclasses.replace(C.recipe_for(cpu, preset="efficient"),
                                  conv1_trained=args.variant == "trained")
-    dtype = torch.bfloat16 if "bfloat16" in C.candidate_formats(cpu) else torch.float32
+    dtype = C.training_format(cpu, "auto")[0]
     data = C.load_cifar(args.data_dir)
     machine = C.machine_description(cpu, dtype)
     model, history, seconds = C.train_seed(data, args.seed, recipe, cpu, dtype)
-    two = C.evaluate(C.ViewAverage(model, 2), *data["test"], recipe.eval_batch)[1]
+    two = C.evaluate(C.ViewAverage(model, 2), *data["test"], C.eval_batch(cpu))[1]
     shares = ring_shares(model.conv1.weight.detach())
     print(f"machine: {machine['cpu']}, {machine['torch_threads']} torch threads, "
           f"torch {machine['torch']}, {C.precision_name(dtype)}")

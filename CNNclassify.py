@@ -2,16 +2,10 @@
 
     python CNNclassify.py train [--seeds 0 1 2] [--preset efficient|accurate]
     python CNNclassify.py test IMAGE [IMAGE ...]     predicted class, CONV_rslt.png
-    python CNNclassify.py resnet20 | profile | speed | evaluate
+    python CNNclassify.py resnet20 | profile | speed
 
-Where each item of the assignment is, in the order the file reads:
-    the first conv layer (5x5, 32 filters)      CNN, set_whitening
-    train: accuracy per epoch, model/, the plot command_train, train_seed, plot_accuracy
-    seeds by hand, mean and numpy.std           set_seed, seed_table
-    test IMAGE and CONV_rslt.png                command_test, draw_conv_maps
-    ResNet-20's test accuracy                   command_resnet20
-    MACs and parameters (THOP)                  count_costs, command_profile
-    inference time of both models               inference_speed_test
+It reads in the order of the assignment: settings, the model (conv1 first), train, test,
+ResNet-20, MACs and parameters (THOP), inference_speed_test, the command line, then machinery.
 The report and the zip to hand in are made by report/build.py beside it.
 """
 
@@ -101,15 +95,14 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 
 def eval_batch(device):
-    """Images per evaluation batch: a CPU gains nothing from more, a GPU needs many."""
-    return 64 if device.type == "cpu" else 2000
+    return 64 if device.type == "cpu" else 2000  # a CPU gains nothing from more, a GPU needs many
 
 
 def recipe_for(device, batch_size=None, epochs=None, preset=DEFAULT_PRESET):
     """The preset's recipe with the batch size and epochs given, or the device kind's batch."""
-    recipe, kind = PRESETS[preset], "cpu" if device.type == "cpu" else "gpu"
-    return dataclasses.replace(recipe, batch_size=batch_size or TRAIN_BATCH[kind],
-                               epochs=epochs or recipe.epochs)
+    kind = "cpu" if device.type == "cpu" else "gpu"
+    return dataclasses.replace(PRESETS[preset], batch_size=batch_size or TRAIN_BATCH[kind],
+                               epochs=epochs or PRESETS[preset].epochs)
 
 
 class UserError(Exception):
@@ -229,16 +222,14 @@ class ViewAverage(nn.Module):
         return (logits[0] + logits[1]) / 4 + (logits[2:].sum(0)) / 8
 
 
-def build_cnn(recipe=RECIPE, dtype=torch.float32, mean=None, std=None):
+def build_cnn(recipe=RECIPE, dtype=torch.float32, **normalisation):
     """A CNN of the recipe's widths in channels_last (the fast layout on CPUs)."""
-    normalisation = {"mean": mean, "std": std} if mean is not None else {}
     model = CNN(recipe.widths, recipe.bn_momentum, recipe.logit_scale, dtype, **normalisation)
     return model.to(memory_format=torch.channels_last)
 
 
 def save_checkpoint(path, model, extra):
-    """State dict plus what is needed to use it (constructor arguments, classes,
-    normalisation), written atomically."""
+    """State dict plus what is needed to use it (constructor arguments, normalisation)."""
     checkpoint = {"state_dict": model.state_dict(), "settings": model.settings,
                   "classes": list(CLASSES), "mean": model.mean.flatten().tolist(),
                   "std": model.std.flatten().tolist(), **extra}
@@ -246,8 +237,7 @@ def save_checkpoint(path, model, extra):
 
 
 def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
-    """The trained CNN from model/ (or `path`) with its test-time views, in eval mode on
-    `device`, computing in `dtype`."""
+    """The trained CNN with its test-time views, in eval mode on `device`, computing in `dtype`."""
     path = Path(path or MODEL_DIR / MAIN_MODEL)
     checkpoint = load_torch_file(path, f"no trained model at {shown_path(path)}; "
                                        "run `python CNNclassify.py train` first")
@@ -262,7 +252,6 @@ def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path}: its weights do not fit the CNN it describes "
                         f"({first_line(error)})") from None
-    views.trained_in = checkpoint.get("precision", "float32")
     return views.to(device).eval()
 
 
@@ -319,7 +308,10 @@ def command_train(args):
                             {"seed": seed, "views": recipe.views, "history": history,
                              "train_seconds": seconds, "run_settings": settings,
                              "precision": precision_name(dtype)})
-        runs.append(run_summary(model_dir, seed, history, seconds))
+        path = model_dir / f"cnn_seed{seed}.pt"
+        runs.append({"seed": seed, "model": path.name, "model_sha256": sha256_of(path),
+                     "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
+                     "history": history})
         results = save_results(model_dir, runs, extra, printed)
     for line in seed_table(results):
         say(line)
@@ -400,12 +392,11 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None):
         synchronize(device)
         train_seconds = time.perf_counter() - start
         views = recipe.views if epoch == recipe.epochs - 1 else recipe.epoch_views
-        test_loss, confusion = evaluate(ViewAverage(average, views), test_x, test_y,
-                                        eval_batch(device))
+        test_loss, right = evaluate(ViewAverage(average, views), test_x, test_y, eval_batch(device))
         seconds += time.perf_counter() - start
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / len(images),
                "train_accuracy": 100.0 * int(correct) / len(images), "test_loss": test_loss,
-               "test_accuracy": 100.0 * int(confusion.trace()) / len(test_x), "seconds": seconds,
+               "test_accuracy": 100.0 * right / len(test_x), "seconds": seconds,
                "images_per_second": len(images) / train_seconds, "test_views": views}
         history.append(row)
         check_progress(seed, row, step, recipe)
@@ -583,20 +574,17 @@ def translate(images, offsets, shift):
 
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size):
-    """Mean loss and confusion matrix (rows true class, columns predicted) of a model taking
-    [0, 1] floats, on uint8 images on its device; the host waits for the device once."""
+    """Mean loss and number right of a model taking [0, 1] floats, on uint8 images on its
+    device; the host waits for the device once, at the end."""
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
-    confusion = torch.zeros(len(CLASSES) ** 2, dtype=torch.int64, device=images.device)
-    starts = range(0, len(images), batch_size)
-    for start in progress_bar(starts, len(starts), "evaluating"):
+    loss = torch.zeros((), dtype=torch.float64, device=images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    for start in progress_bar(range(0, len(images), batch_size), None, "evaluating"):
         x = to_float(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
-        y = labels[start:start + batch_size]
         logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
-        confusion += torch.bincount(y * len(CLASSES) + logits.argmax(1),
-                                    minlength=len(CLASSES) ** 2)
-    return total_loss.item() / len(images), confusion.view(len(CLASSES), -1).cpu()
+        loss += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum()
+    return loss.item() / len(images), int(correct)
 
 
 def epoch_line(seed, row, epochs):
@@ -614,15 +602,6 @@ def seed_table(results):
     lines.append(f"mean {results['mean']:.2f}%  std {results['std']:.2f} "
                  f"(numpy.std over {len(results['runs'])} seeds)")
     return lines
-
-
-def run_summary(model_dir, seed, history, seconds):
-    """What results.json keeps of one seed's run."""
-    path = model_dir / f"cnn_seed{seed}.pt"
-    return {"seed": seed, "model": path.name, "model_sha256": sha256_of(path),
-            "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
-            "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
-            "seconds_per_epoch": seconds / len(history), "history": history}
 
 
 def save_results(model_dir, runs, extra, printed):
@@ -930,8 +909,9 @@ def command_resnet20(args):
     """`resnet20`: accuracy of a pretrained ResNet-20 on the 10,000 test images."""
     device = pick_device(args.device)
     model, weights = load_resnet20(args.weights)
-    confusion = confusion_on_test_set(model.to(device), args.data_dir, device)
-    correct, total = int(confusion.trace()), int(confusion.sum())
+    images, labels = load_cifar(args.data_dir, parts=("test",))["test"]
+    correct = evaluate(model.to(device), images.to(device), labels.to(device), eval_batch(device))[1]
+    total = len(labels)
     line = f"ResNet-20 test accuracy: {100 * correct / total:.2f}% ({correct}/{total})"
     print(line)
     save_record(args, "resnet20", [line, weights_line(weights)],
@@ -992,31 +972,26 @@ class ResNet20(nn.Module):
 
 
 def load_resnet20(source=RESNET20_URL):
-    """ResNet-20 in eval mode, its variant told by the checkpoint's keys, loaded strictly, and
+    """ResNet-20 in eval mode, its layout told by the checkpoint's keys, loaded strictly, and
     what names its weights: {"weights": file name, "weights_sha256", "option"}. A URL is
     downloaded once into torch.hub's cache, its sha256 checked against the file name's prefix."""
+    path = Path(source)
     if "://" in source:
         path = Path(torch.hub.get_dir()) / "checkpoints" / source.rsplit("/", 1)[-1]
-        if not path.is_file():
-            log(f"downloading {source} to {path}")
-            try:
+        try:
+            if not path.is_file():
+                log(f"downloading {source} to {path}")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(source, str(path), progress=False,
-                                               hash_prefix=torch.hub.HASH_REGEX.search(
-                                                   path.name).group(1))
-            except Exception as error:
-                if "invalid hash value" in str(error):
-                    raise UserError(f"checksum mismatch: the file downloaded from {source} does "
-                                    "not have the sha256 its name gives; nothing was saved") from None
-                raise UserError(f"could not fetch ResNet-20 weights ({type(error).__name__}: "
-                                f"{first_line(error)}); download {source} into {path} or pass "
-                                "--weights PATH") from None
-    else:
-        path = Path(source)
+                prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+                torch.hub.download_url_to_file(source, str(path), prefix, progress=False)
+        except Exception as error:
+            raise UserError(f"checksum mismatch: the file downloaded from {source} does not have "
+                            "the sha256 its name gives; nothing was saved" if "invalid hash"
+                            in str(error) else f"could not fetch ResNet-20 weights "
+                            f"({type(error).__name__}: {first_line(error)}); download {source} "
+                            f"into {path} or pass --weights PATH") from None
     checkpoint = load_torch_file(path, f"{source}: no such weights file")
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise UserError(f"{source}: not a ResNet-20 state dict")
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
     state = {k.removeprefix("module."): v for k, v in state.items()}
     projected = any("downsample" in k for k in state)
     if "linear.weight" in state and not projected:
@@ -1139,67 +1114,6 @@ def command_speed(args):
                 torch.device(result["device"]), PRECISIONS[result["precision"]])
 
 
-# ----------------------------------------------------------------------------- evaluate
-
-def command_evaluate(args):
-    """`evaluate`: our CNN on the 10,000 test images: accuracy, per class, the most confused
-    pairs, and the confusion matrix as a picture (model/confusion.png)."""
-    device = pick_device(args.device)
-    model = load_cnn(args.model, device)
-    model.cnn.compute_dtype = inference_format(device, args.precision, model.trained_in)
-    ensure_writable(Path(args.out).parent)
-    confusion = confusion_on_test_set(model, args.data_dir, device)
-    correct, total = int(confusion.trace()), int(confusion.sum())
-    accuracy, name = 100 * correct / total, Path(args.model).name
-    lines = [f"CNN test accuracy: {accuracy:.2f}% ({correct}/{total}, {name}, "
-             f"{precision_name(model.cnn.compute_dtype)})", *class_lines(confusion)]
-    print("\n".join(lines))
-    draw_confusion(confusion, f"CIFAR-10 test set, {name}: {accuracy:.2f}%", args.out)
-    save_record(args, "evaluate", lines, {**model_identity(args.model), "correct": correct,
-                                          "total": total, "accuracy": accuracy,
-                                          "confusion": confusion.tolist()},
-                device, model.cnn.compute_dtype)
-
-
-def confusion_on_test_set(model, data_dir, device):
-    """The confusion matrix of `model` on the 10,000 CIFAR-10 test images."""
-    images, labels = load_cifar(data_dir, parts=("test",))["test"]
-    return evaluate(model, images.to(device), labels.to(device), eval_batch(device))[1]
-
-
-def class_lines(confusion, pairs=5):
-    """Per-class accuracy (of each class's images, the share called that class) and the most
-    confused pairs of classes, from a confusion matrix."""
-    total, correct = confusion.sum(1), confusion.diag()
-    lines = [f"{'class':<11s} {'accuracy':>8s}  {'correct'}"]
-    lines += [f"{name:<11s} {100 * int(c) / max(1, int(t)):7.2f}%  {int(c)}/{int(t)}"
-              for name, c, t in zip(CLASSES, correct, total)]
-    errors = confusion - torch.diag(correct)
-    worst = [divmod(int(i), len(CLASSES)) for i in errors.flatten().argsort(descending=True)]
-    lines.append("most confused (true -> predicted): " + ", ".join(
-        f"{CLASSES[t]} -> {CLASSES[p]} {int(errors[t, p])}" for t, p in worst[:pairs]
-        if errors[t, p] > 0))
-    return lines
-
-
-def draw_confusion(confusion, title, path):
-    """The confusion matrix as a picture: counts in every cell, coloured by the share of the
-    true class's images (row %)."""
-    plt = pyplot()
-    shares = 100 * confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(9, 8))
-    ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=100)
-    for t in range(len(CLASSES)):
-        for p in range(len(CLASSES)):
-            ax.text(p, t, f"{int(confusion[t, p])}\n{shares[t, p]:.1f}%", ha="center",
-                    va="center", fontsize=7.5, color="white" if shares[t, p] > 60 else "black")
-    ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xticklabels=CLASSES,
-           yticklabels=CLASSES, xlabel="predicted class", ylabel="true class", title=title)
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-
-
 # ----------------------------------------------------------------------------- command line
 
 class Parser(argparse.ArgumentParser):
@@ -1229,8 +1143,7 @@ def build_parser():
 
     precision = ("number format after conv1; auto: train in bfloat16 where the hardware computes "
                  "it natively (CPU with AMX, AMD CPU with AVX512_BF16, CUDA 8.0+), else float32 "
-                 "(float16 on older CUDA); test and speed (batch 1) in float32; evaluate in the "
-                 "model's training format where native here")
+                 "(float16 on older CUDA); test and speed (batch 1) in float32")
     device = options(("--device", {"help": "cpu, cuda, cuda:N or mps (default: the fastest "
                                             "present)"}),
                      ("--precision", {"choices": ["auto", *PRECISIONS], "default": "auto",
@@ -1286,10 +1199,6 @@ def build_parser():
                 weights, records, device)
     p.add_argument("--warmup", type=int_from(0), default=50, help="untimed iterations first")
     p.add_argument("--iterations", type=int_from(1), default=1000, help="timed iterations")
-    p = command("evaluate", command_evaluate, "our CNN on the test set: accuracy per class and "
-                "the confusion matrix", model, data, records, device)
-    p.add_argument("--out", default=str(MODEL_DIR / "confusion.png"),
-                   help="where the confusion-matrix picture goes")
     return parser
 
 
@@ -1343,14 +1252,10 @@ def training_format(device, precision):
     return torch.float32, "float32 (auto: no faster format computed natively here)"
 
 
-def inference_format(device, precision, trained_in=None):
-    """The number format of `test`, `speed` (trained_in None: one image at a time, where
-    float32 is the faster on every CPU measured) and `evaluate` (batches: the model's training
-    format where this machine computes it natively, so it scores what `train` scored)."""
-    if precision != "auto":
-        return PRECISIONS[precision]
-    native = training_format(device, "auto")[0]
-    return native if trained_in and precision_name(native) == trained_in else torch.float32
+def inference_format(device, precision):
+    """The number format of `test` and `speed`: float32 unless --precision says otherwise, as one
+    image at a time is faster in float32 than in bfloat16 on every CPU measured."""
+    return torch.float32 if precision == "auto" else PRECISIONS[precision]
 
 
 def precision_name(dtype):

@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,30 +33,4 @@ def shipped_model():
     if not SHIPPED_MODEL.exists():
         pytest.skip("no trained model committed in model/")
     import CNNclassify
-    return CNNclassify.load_cnn()
-
-
-@pytest.fixture(scope="session")
-def shipped_evaluation(tmp_path_factory, shipped_model):
-    """`evaluate --precision float32` of the shipped model on all 10,000 test images, run once
-    for every test that needs them scored: (the finished process, its record, its folder)."""
-    folder = tmp_path_factory.mktemp("evaluate")
-    result = run_cli("evaluate", "--data-dir", CIFAR_DIR, "--records-dir", folder, "--out", folder / "c.png",
-                     "--precision", "float32")
-    record = json.loads((folder / "evaluate.json").read_text()) if result.returncode == 0 else None
-    return result, record, folder
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_format_cache(tmp_path_factory):
-    """Tests (and the commands they start) keep measured number formats in a folder of their
-    own, never in the user's cache; one folder for the session, as one user's runs share one,
-    so a resumed run trains in the format of the run it is compared with."""
-    import os
-    previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if previous is None:
-        os.environ.pop("XDG_CACHE_HOME")
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    return CNNclassify.load_cnn()  # float32, as `test` computes

@@ -25,29 +25,38 @@ def run_build(*args, cwd=ROOT):
 
 
 def write_fixture_records(folder):
-    """Small but complete records in the formats the commands write."""
+    """Small but complete records in the formats the commands write, of one small model."""
     machine = C.machine_description(torch.device("cpu"), torch.float32)
     model_dir, records = folder / "model", folder / "model" / "records"
     records.mkdir(parents=True)
+    model = C.build_cnn()
+    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8))
+    C.save_checkpoint(model_dir / "cnn.pt", model, {})
+    sha = C.sha256_of(model_dir / "cnn.pt")
     history = [{"epoch": e, "train_loss": 1.0, "train_accuracy": 50.0 + e, "test_loss": 1.0,
                 "test_accuracy": 60.0 + e, "seconds": 10.0 * e, "images_per_second": 100.0} for e in (1, 2)]
     runs = [{"seed": s, "test_accuracy": 62.0 + s, "train_seconds": 20.0, "images_per_second": 100.0,
              "seconds_per_epoch": 10.0, "history": history} for s in (0, 1, 2)]
-    results = {"command": "python CNNclassify.py train --seeds 0 1 2", "machine": machine, "runs": runs,
-               "mean": 63.0, "std": 0.816, "precision": "float32", "epochs": 2}
+    results = {"command": "python CNNclassify.py train", "machine": machine, "runs": runs, "mean": 63.0,
+               "std": 0.816, "precision": "float32", "epochs": 2, "preset": "efficient", "views": 1,
+               "main_model_sha256": sha}
     (model_dir / "results.json").write_text(json.dumps(results))
+    log = [C.epoch_line(r["seed"], h, 2) for r in runs for h in history] + C.seed_table(results)
+    (model_dir / "train_log.txt").write_text("\n".join(log) + "\n")
     C.plot_accuracy(runs, model_dir / "accuracy.png")
-    model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8), C.RECIPE.whitening)
-    C.save_checkpoint(model_dir / "cnn.pt", model, {})
-    common = {"command": "python CNNclassify.py x", "machine": machine}
-    (records / "resnet20_w.json").write_text(json.dumps({**common, "weights": "w.pt", "accuracy": 91.5, "output": ["ResNet-20 test accuracy: 91.50%"]}))
-    (records / "profile.json").write_text(json.dumps({**common, "output": ["table"], "models": [{"name": "CNN", "macs": 5, "params": 6}]}))
+    common = {"command": "python CNNclassify.py x", "machine": machine, "model_sha256": sha,
+              "weights": "w.pt", "weights_sha256": "ab" * 32}
+    (records / "resnet20.json").write_text(json.dumps({**common, "accuracy": 91.5,
+                                                      "output": ["ResNet-20 test accuracy: 91.50%"]}))
+    (records / "profile.json").write_text(json.dumps({**common, "output": ["table"], "models": [
+        {"name": "CNN (ours), one view", "macs": 5, "params": 6}, {"name": "ResNet-20", "macs": 7, "params": 8}]}))
     confusion = (torch.eye(10, dtype=torch.int64) * 99 + torch.eye(10, dtype=torch.int64).roll(1, 1)).tolist()
     confusion[3][3], confusion[3][4] = 90, 10  # 99 of each class's 100 images right, of the cats 90
     (records / "evaluate.json").write_text(json.dumps({**common, "output": ["per-class table"], "confusion": confusion,
                                                         "accuracy": 90.9}))
-    (records / "speed.json").write_text(json.dumps({**common, "output": ["speed table"], "models": [{"name": "CNN", "mean_ms": 1.5}]}))
+    (records / "speed.json").write_text(json.dumps({**common, "output": ["speed table"], "precision": "float32",
+                                                     "models": [{"name": "CNN (ours)", "mean_ms": 1.5},
+                                                                {"name": "ResNet-20", "mean_ms": 3.0}]}))
     return model_dir, records
 
 
@@ -61,39 +70,37 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
                       "<!-- machines:start -->\nold machines\n<!-- machines:end -->\n")
-    result = report(model_dir, records, out, "--author", "Harry Potter", "--readme", readme)
+    result = report(model_dir, records, out, "--author", "Harry Potter", "--course", "Deep Learning",
+                    "--readme", readme)
     assert result.returncode == 0, result.stderr
     updated = readme.read_text()
     assert updated.startswith("intro\n<!-- results:start -->\n| item | result |")
     assert updated.endswith("<!-- machines:end -->\n") and "<!-- results:end -->\noutro\n" in updated
     assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
-    assert "old machines" not in updated and "| machine | command | widths |" in updated
-    assert "| test car.png | prediction result: " in updated
+    assert "old machines" not in updated and "| machine | command | s per seed (max) |" in updated
+    assert f"| test {build.TEST_IMAGE} (our own photo) | prediction result: " in updated
+    assert "| CNN (ours): weakest class | cat: 90.0% of its test images" in updated
     markdown = (out / "report.md").read_text()
-    assert markdown.startswith("# CNNclassify report: Harry Potter")
+    assert markdown.startswith("# CIFAR-10 CNN classifier: report\n\nStudent: Harry Potter")
     for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
-                 "seed 2 epoch  2/2", "$ python CNNclassify.py train --seeds 0 1 2", "$ python CNNclassify.py test car.png"]:
+                 "seed 2 epoch  2/2", "$ python CNNclassify.py train", f"$ python CNNclassify.py test {build.TEST_IMAGE}",
+                 "(a) the code: main (line ", "(h) inference time: inference_speed_test (line "]:
         assert text in markdown
+    assert (model_dir / "train_log.txt").read_text() in markdown  # (b) is the log as printed
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    frontier = {"frontier.png"} if build.FRONTIER_RUNS.exists() else set()
-    assert set(images) == {"accuracy.png", "CONV_rslt.png", "confusion.png"} | frontier
+    assert set(images) == {"accuracy.png", "CONV_rslt.png", "confusion.png"}
     assert all((out / i).is_file() for i in images)
     assert markdown.index("## (h)") < markdown.index("## Beyond the assignment") and "per-class table" in markdown
-    assert "| CNN (ours): weakest class | cat: 90.0% of its test images" in updated
     headings = re.findall(r"^## \((\w)\)", markdown, flags=re.M)
-    assert headings == sorted(headings) and set(headings) == set("abcdefgh")  # the assignment's order
+    assert set(headings) == set("abcdefgh")
     assert (ROOT / "CNNclassify.py").read_text() in markdown  # (a) is the code as it is
     pdf = (out / "report.pdf").read_bytes()
-    assert pdf[:5] == b"%PDF-" and build.read_stamp(out / "report.pdf") == {"code_sha256": C.sha256_of(ROOT / "CNNclassify.py"), "author": "Harry Potter"}
-    assert b"Harry Potter" in pdf and result.stderr == ""
-    assert report(model_dir, records, tmp_path / "again", "--author", "Harry Potter").returncode == 0
+    assert pdf[:5] == b"%PDF-" and build.read_stamp(out / "report.pdf") == {
+        "code_sha256": C.sha256_of(ROOT / "CNNclassify.py"), "author": "Harry Potter"}
+    assert result.stderr == ""
+    assert report(model_dir, records, tmp_path / "again", "--author", "Harry Potter", "--course",
+                  "Deep Learning").returncode == 0
     assert (tmp_path / "again" / "report.pdf").read_bytes() == pdf  # same records, same bytes
-
-
-def test_seconds_to_reach_is_the_first_epoch_end_at_the_accuracy():
-    history = [{"test_accuracy": a, "seconds": s} for a, s in [(70.0, 60.0), (75.0, 120.0), (74.0, 180.0)]]
-    assert build.seconds_to_reach(history, 75.0) == 120.0
-    assert build.seconds_to_reach(history, 70.0) == 60.0 and build.seconds_to_reach(history, 76.0) is None
 
 
 def test_a_report_with_an_item_missing_is_refused_and_names_the_commands(tmp_path):
@@ -105,9 +112,25 @@ def test_a_report_with_an_item_missing_is_refused_and_names_the_commands(tmp_pat
     assert not (tmp_path / "report").exists()
     (tmp_path / "empty").mkdir()
     result = report(tmp_path / "empty", tmp_path / "empty", tmp_path / "report")
-    assert result.returncode == 2 and not (tmp_path / "report").exists()
-    for command in ["train --seeds 0 1 2", "resnet20", "profile", "speed"]:
-        assert f"run `python CNNclassify.py {command}`" in result.stderr
+    assert result.returncode == 2 and "run `python CNNclassify.py train`" in result.stderr
+    assert not (tmp_path / "report").exists()
+
+
+def test_records_of_another_model_or_other_weights_are_refused(tmp_path):
+    """A student who retrains and forgets a command: the report names the command to rerun."""
+    model_dir, records = write_fixture_records(tmp_path)
+    original = (model_dir / "cnn.pt").read_bytes()
+    other = C.build_cnn()
+    C.save_checkpoint(model_dir / "cnn.pt", other, {"seed": 1})
+    result = report(model_dir, records, tmp_path / "report")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "made from another model" in result.stderr and "rerun `python CNNclassify.py train`" in result.stderr
+    (model_dir / "cnn.pt").write_bytes(original)
+    speed = json.loads((records / "speed.json").read_text())
+    (records / "speed.json").write_text(json.dumps(dict(speed, weights_sha256="cd" * 32)))
+    result = report(model_dir, records, tmp_path / "report")
+    assert result.returncode == 2 and "speed: measured other ResNet-20 weights" in result.stderr
+    assert not (tmp_path / "report").exists()
 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"runs": "three", "machine": {}}', "[1, 2]"])
@@ -139,12 +162,19 @@ def test_a_bug_in_a_builder_is_a_traceback_not_a_malformed_record(tmp_path, monk
     """Only reading and checking a record is turned into a one-line error; a builder's own bug
     must surface as itself."""
     model_dir, records = write_fixture_records(tmp_path)
-
-    def broken(ctx):
-        return {}["no such key"]
-    monkeypatch.setattr(build, "BUILDERS", [broken, *build.BUILDERS[1:]])
+    monkeypatch.setattr(build, "summary_rows", lambda records, test: {}["no such key"])
     with pytest.raises(KeyError):
         build.report(model_dir, records, tmp_path / "report")
+
+
+def test_shipped_report_is_of_the_shipped_model_and_names_no_machine_path():
+    """The committed report and records agree with model/cnn.pt; no file under model/ or in the
+    report names an absolute path or a home folder."""
+    records = build.read_records(C.MODEL_DIR, C.RECORDS_DIR)  # refuses stale records
+    assert records["results"]["main_model_sha256"] == C.sha256_of(C.MODEL_DIR / "cnn.pt")
+    texts = [p.read_text() for p in (ROOT / "model").rglob("*") if p.suffix in (".json", ".txt")]
+    texts.append((ROOT / "report" / "report.md").read_text())
+    assert not [t for t in texts if re.search(r'["( ](/root|/home|/Users|/work|/tmp)/', t)]
 
 
 def test_shipped_report_prints_the_committed_code():

@@ -17,8 +17,10 @@ def test_resnet20_reproduces_published_accuracy(tmp_path, cifar, weights, expect
     result = run_cli("resnet20", "--weights", weights, "--data-dir", CIFAR_DIR, "--records-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"ResNet-20 test accuracy: {expected}\n"
-    record = json.loads((tmp_path / f"resnet20_option{option}.json").read_text())
-    assert record["output"] == [result.stdout.strip()] and record["machine"]["cpu"]
+    record = json.loads((tmp_path / "resnet20.json").read_text())
+    assert record["output"][0] == result.stdout.strip() and record["machine"]["cpu"]
+    assert (record["weights"], record["option"]) == (weights.name, option)
+    assert record["weights_sha256"] == C.sha256_of(weights) and record["weights_sha256"] in record["output"][1]
 
 
 def test_resnet20_default_url_uses_the_torch_hub_cache(tmp_path, cifar):
@@ -29,6 +31,8 @@ def test_resnet20_default_url_uses_the_torch_hub_cache(tmp_path, cifar):
     result = run_cli("resnet20", "--data-dir", CIFAR_DIR, "--records-dir", tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ResNet-20 test accuracy: 91.73% (9173/10000)\n"
+    record = json.loads((tmp_path / "resnet20.json").read_text())
+    assert record["weights"] == "resnet20-12fca82f.th" and record["weights_sha256"].startswith("12fca82f")
 
 
 def test_resnet20_without_weights_or_network_is_one_line(tmp_path):
@@ -47,7 +51,8 @@ def test_resnet20_unknown_layout_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("weights,params", [(WEIGHTS_A, 269_722), (WEIGHTS_B, 272_474)])
 def test_profile_counts_resnet20_params_and_leaves_models_untouched(weights, params):
-    resnet = C.load_resnet20(str(weights))
+    resnet, named = C.load_resnet20(str(weights))
+    assert named == {"weights": weights.name, "weights_sha256": C.sha256_of(weights), "option": resnet.option}
     for views in (6, 1):  # the accurate preset's views, the efficient one's
         cnn = C.ViewAverage(C.build_cnn(), views).eval()  # what load_cnn gives
         before = {k: v.clone() for k, v in cnn.state_dict().items()}
@@ -67,28 +72,18 @@ def test_profile_counts_resnet20_params_and_leaves_models_untouched(weights, par
         assert not any(hasattr(m, "total_ops") for m in list(cnn.modules()) + list(resnet.modules()))
 
 
-def test_inference_speed_test_times_both_models(tmp_path, shipped_model):
-    args = Namespace(device="cpu", precision="auto", warmup=2, iterations=5, model=str(C.MODEL_DIR / C.MAIN_MODEL), weights=str(WEIGHTS_B))
+def test_inference_speed_test_times_both_models(tmp_path, shipped_model, capsys):
+    args = Namespace(device="cpu", precision="auto", warmup=2, iterations=5, model=str(C.MODEL_DIR / C.MAIN_MODEL),
+                     weights=str(WEIGHTS_B))
     result = C.inference_speed_test(args)
-    shipped = C.load_cnn()
-    names = ["CNN (ours)"] + ["CNN, float32"] * (shipped.cnn.compute_dtype != torch.float32) \
-        + ["CNN, one view"] * (shipped.views > 1) + ["ResNet-20"]
+    names = ["CNN (ours)"] + ["CNN, one view"] * (shipped_model.views > 1) + ["ResNet-20"]
     assert [m["name"] for m in result["models"]] == names
-    lines = C.speed_lines(result)
-    assert lines[-1].startswith(f"{names[-2]} / ResNet-20: ") and lines[-1].endswith("x the time")
+    assert capsys.readouterr().out.splitlines() == result["lines"]  # it prints its own table
+    assert result["lines"][-2].startswith(f"{names[-2]} / ResNet-20: ") and result["lines"][-2].endswith("x the time")
+    assert result["precision"] == "float32"  # batch 1: float32 on every CPU measured
     for m in result["models"]:
         assert 0 < m["median_ms"] <= m["p95_ms"] and m["mean_ms"] > 0
-    assert result["device"] == "cpu" and result["iterations"] == 5
-
-
-def test_tampered_cached_checkpoint_is_refused(tmp_path):
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    torch.save({"state_dict": {}}, checkpoints / "resnet20-12fca82f.th")
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
-    result = run_cli("resnet20", "--data-dir", CIFAR_DIR, "--records-dir", tmp_path, env=env)
-    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("error: checksum mismatch") and len(result.stderr.strip().splitlines()) == 1
+    assert result["device"] == "cpu" and result["iterations"] == 5 and result["weights"] == WEIGHTS_B.name
 
 
 def test_download_with_the_wrong_hash_is_a_checksum_mismatch_and_saves_nothing(tmp_path):
@@ -108,8 +103,8 @@ def test_download_path_fills_the_cache_and_keeps_stdout_for_results(tmp_path, mo
     served.mkdir()
     shutil.copy(WEIGHTS_A, served / "resnet20-12fca82f.th")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    checkpoint = C.fetch_resnet20_checkpoint((served / "resnet20-12fca82f.th").as_uri())
-    assert checkpoint["state_dict"].keys() == torch.load(WEIGHTS_A, map_location="cpu", weights_only=True)["state_dict"].keys()
+    model, named = C.load_resnet20((served / "resnet20-12fca82f.th").as_uri())
+    assert model.option == "A" and named["weights_sha256"] == C.sha256_of(WEIGHTS_A)
     assert (tmp_path / "torch" / "hub" / "checkpoints" / "resnet20-12fca82f.th").read_bytes() == WEIGHTS_A.read_bytes()
     output = capsys.readouterr()
     assert output.out == "" and "downloading" in output.err

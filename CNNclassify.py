@@ -69,7 +69,7 @@ class Recipe:
     label_smoothing: float = 0.2
     translate: int = 2             # random shift in pixels, reflect padding
     bn_momentum: float = 0.4
-    logit_scale: float = 1 / 9     # logits scaled down: with label smoothing, a softer target
+    logit_scale: float = 1 / 9     # a softmax temperature (airbench's): no early saturation
     average_decay: float = 0.98    # the saved weights: a moving average of the trained ones
     whitening_images: int = 5000   # conv1 is set from the 5x5 patches of this many images
     whitening_eps: float = 5e-4    # added to each patch variance: keeps noise from being blown up
@@ -189,11 +189,14 @@ def set_whitening(model, images, eps=5e-4):
     patches = patches - patches.mean(0)
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    # ZCA: every direction of the patches scaled to unit variance, then rotated back, so each
+    # row is a filter centred on one pixel and colour that uses the whole 5x5 neighbourhood
     zca = eigenvectors @ torch.diag((eigenvalues + eps).rsqrt()) @ eigenvectors.T
-    centre = [(k // 2, k // 2), (k // 2, k // 2 + 1), (k // 2 + 1, k // 2), (k // 2 + 1, k // 2 + 1)]
-    rows = zca[[c * k * k + i * k + j for c in range(3) for i, j in centre]]
+    at = [(k // 2 + i) * k + k // 2 + j for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]]
+    rows = zca[[c * k * k + a for c in range(3) for a in at]]  # index: channel, row, column
     strongest = (eigenvectors[:, -4:].flip(1) / (eigenvalues[-4:].flip(0) + eps).sqrt()).T
     top = torch.cat([rows, strongest])
+    # unit variance for every output, so GELU sees inputs on one scale
     top = top / torch.einsum("ri,ij,rj->r", top, covariance, top).sqrt().unsqueeze(1)
     model.conv1.weight.copy_(torch.cat([top, -top]).view(-1, 3, k, k).float())
     model.conv1.bias.zero_()
@@ -783,7 +786,7 @@ def resolve_image_path(name):
 def read_image(path):
     """Any image file OpenCV reads -> uint8 RGB H x W x 3 (grey to three channels, alpha on
     white, 16-bit and float to 8 bits, EXIF orientation applied), or a UserError."""
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))  # OpenCV reads it once
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))  # read once
     import cv2
     path = Path(path)
     if path.is_dir() or not path.is_file():
@@ -793,9 +796,9 @@ def read_image(path):
         data = np.fromfile(path, dtype=np.uint8)
         if data.size == 0:
             raise UserError(f"{path}: empty file")
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        image = quiet_imdecode(data, cv2.IMREAD_UNCHANGED)
         if image is not None and (image.ndim == 2 or image.shape[2] in (1, 3)):
-            image = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)  # EXIF-rotated
+            image = quiet_imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)  # EXIF-rotated
     except (OSError, cv2.error) as error:
         too_large = "CV_IO_MAX_IMAGE_PIXELS" in str(error)
         raise UserError(f"{path}: " + (f"over {MAX_IMAGE_PIXELS // 10**6} megapixels, too large "
@@ -805,6 +808,20 @@ def read_image(path):
         raise UserError(f"{path}: not an image OpenCV can read (unknown format, corrupt data or "
                         f"over {MAX_IMAGE_PIXELS // 10**6} megapixels)")
     return to_rgb8(shrink_to(image, LARGEST_SIDE_KEPT))
+
+
+def quiet_imdecode(data, flags):
+    """cv2.imdecode with the C decoders' own words (libpng prints its errors) kept off stderr,
+    so a bad image is one line of ours."""
+    import cv2
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        return cv2.imdecode(data, flags)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def shrink_to(image, side):
@@ -910,7 +927,8 @@ def command_resnet20(args):
     device = pick_device(args.device)
     model, weights = load_resnet20(args.weights)
     images, labels = load_cifar(args.data_dir, parts=("test",))["test"]
-    correct = evaluate(model.to(device), images.to(device), labels.to(device), eval_batch(device))[1]
+    correct = evaluate(model.to(device), images.to(device), labels.to(device),
+                       eval_batch(device))[1]
     total = len(labels)
     line = f"ResNet-20 test accuracy: {100 * correct / total:.2f}% ({correct}/{total})"
     print(line)
@@ -1150,8 +1168,8 @@ def build_parser():
                                       "help": precision}))
     model = options(("--model", {"default": str(MODEL_DIR / MAIN_MODEL),
                                  "help": "our CNN's model file"}))
-    weights = options(("--weights", {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path or "
-                                     "URL (a URL is cached by torch.hub, sha256-checked)"}))
+    weights = options(("--weights", {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path "
+                                     "or URL (a URL is cached by torch.hub, sha256-checked)"}))
     data = options(("--data-dir", {"default": "data", "help": "folder holding "
                                    "cifar-10-batches-py/ (downloaded there when missing)"}))
     records = options(("--records-dir", {"default": str(RECORDS_DIR),

@@ -2,7 +2,7 @@
 # The whole GPU check of issue #16, in one run on a lent H100/H200 (see DEVELOPERS.md and
 # ../shared/gpu/README.md): CIFAR-10 arrives as three parts in /tmp/parts (carried one per call),
 # this script unpacks it, then trains the shipped recipe for 3 seeds on the GPU and measures
-# the variants and torch.compile there. Everything it makes lands in $OUT (copy
+# the recipe variants there. Everything it makes lands in $OUT (copy
 # $OUT/machines/<card>.json to bench/machines/ and the .txt files to bench/).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, after the three parts are in /tmp/parts
@@ -14,11 +14,10 @@ OUT=${OUT:-/tmp/gpu_check_out}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 DATA=${GPU_CHECK_DATA:-/tmp/cifar10}
 SUBSET=${GPU_CHECK_SUBSET:-0}
-BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-240}   # each of the compile bench and the sweep
+BENCH_SECONDS=${GPU_CHECK_BENCH_SECONDS:-240}   # the sweep's time
 EPOCHS=()
 [ -n "${GPU_CHECK_EPOCHS:-}" ] && EPOCHS=(--epochs "$GPU_CHECK_EPOCHS")
 mkdir -p "$OUT/machines"
-export XDG_CACHE_HOME="$OUT/cache"   # the format choice is measured here, and kept with the results
 
 if [ ! -d "$DATA/cifar-10-batches-py" ]; then
     python3 .gpu-data/unpack_cifar.py /tmp/parts "$DATA"
@@ -39,11 +38,8 @@ cp "$OUT/model/results.json" "$OUT/machines/$card.json"
 cp "$OUT/train_log.txt" "$OUT/machines/$card.log"
 python3 CNNclassify.py test test_images/car.png --device "$DEVICE" --model "$OUT/model/cnn.pt" --out "$OUT/CONV_rslt.png" > "$OUT/test_output.txt"
 
-# 2. torch.compile, eager against compiled training steps.
-timeout "$BENCH_SECONDS" python3 bench/compile.py --device "$DEVICE" > "$OUT/compile_$card.txt" 2>&1 || echo "compile bench: exit $?" >> "$OUT/compile_$card.txt"
-
-# 3. Recipe variants, seeds 0 1 2 each (widths, epochs, batch), in order, while time is left.
+# 2. Recipe variants, seeds 0 1 2 each (widths, epochs, batch), in order, while time is left.
 timeout "$BENCH_SECONDS" python3 bench/gpu_sweep.py --device "$DEVICE" --data-dir "$DATA" --subset "$SUBSET" > "$OUT/sweep_$card.txt" 2>&1 \
     || echo "sweep: exit $? (cut at $BENCH_SECONDS s)" >> "$OUT/sweep_$card.txt"
 rm -rf "$OUT/model/"*.pt
-cat "$OUT/environment.txt" "$OUT/train_log.txt" "$OUT/compile_$card.txt" "$OUT/sweep_$card.txt"
+cat "$OUT/environment.txt" "$OUT/train_log.txt" "$OUT/sweep_$card.txt"

@@ -38,7 +38,7 @@ def main():
     args = parser.parse_args()
     device = C.pick_device(args.device)
     data = C.take_subset(C.load_cifar(args.data_dir), args.subset)
-    dtype, how = C.training_format(device, "auto", C.recipe_for(device, preset="accurate"))
+    dtype, how = C.training_format(device, "auto")
     machine = C.machine_description(device, dtype)
     print(f"machine: {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {C.precision_name(dtype)} "
           f"({how}); seeds {' '.join(map(str, args.seeds))}", flush=True)

@@ -5,7 +5,7 @@ presets existed, its widths and epochs); and the seconds of each, run one after 
 this process, twice, in alternating order. Test figures are compared where both evaluate the
 same test-time views.
 
-    python bench/trainer_identity.py --data-dir ../shared/cifar10 --commit d26f2c5 > bench/trainer_identity_cpu_2core.txt
+    python bench/trainer_identity.py --data-dir ../shared/cifar10 --commit c9a4b61 > bench/trainer_identity_cpu_2core.txt
 """
 import argparse
 import contextlib

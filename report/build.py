@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import CNNclassify as C  # noqa: E402
@@ -66,9 +65,7 @@ KEYS = {  # what each record must hold; checked before anything runs
     "profile": {"command": str, "output": list, "models": list, "model_sha256": str,
                 "weights_sha256": str},
     "speed": {"command": str, "output": list, "models": list, "model_sha256": str,
-              "weights_sha256": str, "precision": str},
-    "evaluate": {"command": str, "output": list, "confusion": list, "accuracy": float,
-                 "model_sha256": str}}
+              "weights_sha256": str, "precision": str}}
 
 
 def read_record(path, kind):
@@ -101,11 +98,12 @@ def read_records(model_dir, records_dir):
     main = model_dir / C.MAIN_MODEL
     main_sha = C.sha256_of(main) if main.is_file() else None
     for name, rec in records.items():
-        if rec and name != "accurate" and rec.get("main_model_sha256", rec.get("model_sha256",
-                                                                               main_sha)) != main_sha:
+        made_from = rec and rec.get("main_model_sha256", rec.get("model_sha256", main_sha))
+        if rec and name != "accurate" and made_from != main_sha:
             command = TRAIN if name == "results" else f"python CNNclassify.py {name}"
-            raise C.UserError(f"{name}: made from another model than {main} (sha256 differs); "
-                              f"rerun `{command}`")
+            raise C.UserError(f"{name + '.json' if name == 'results' else f'records/{name}.json'}"
+                              f" was made from another model than {C.shown_path(main)} (sha256 "
+                              f"differs): rerun `{command}`")
     weights = records["resnet20"] and records["resnet20"]["weights_sha256"]
     for name in ("profile", "speed"):
         if weights and records[name] and records[name]["weights_sha256"] != weights:
@@ -117,7 +115,8 @@ def read_records(model_dir, records_dir):
 
 def made_by(rec):
     machine = rec.get("machine", {})
-    where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('torch_threads')} threads"
+    where = machine.get("gpu") or f"{machine.get('cpu')}, {machine.get('torch_threads')} "\
+        "threads"
     return f"made by `{rec['command']}` on {where}, torch {machine.get('torch')}"
 
 
@@ -128,7 +127,8 @@ def summary_rows(records, test):
         results, machine = records["results"], records["results"]["machine"]
         runs, seconds = results["runs"], [r["train_seconds"] for r in results["runs"]]
         rows += [("machine (training)", f"{machine['cpu']}, {machine['torch_threads']} torch "
-                  f"threads, {machine['device']}, {results['precision']}, torch {machine['torch']}"),
+                  f"threads, {machine['device']}, {results['precision']}, "
+                  f"torch {machine['torch']}"),
                  ("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} "
                   f"(mean +/- numpy.std, seeds {', '.join(str(r['seed']) for r in runs)}; "
                   f"{results['epochs']} epochs, preset {results['preset']})"),
@@ -145,12 +145,6 @@ def summary_rows(records, test):
     if records["speed"]:
         rows += [(f"inference, batch 1: {m['name']}", f"{m['mean_ms']:.3f} ms mean "
                   f"({records['speed']['precision']})") for m in records["speed"]["models"]]
-    if records["evaluate"]:
-        confusion = np.array(records["evaluate"]["confusion"])
-        shares = 100 * confusion.diagonal() / confusion.sum(1)
-        rows.append(("CNN (ours): weakest class", f"{C.CLASSES[int(shares.argmin())]}: "
-                     f"{shares.min():.1f}% of its test images (best: "
-                     f"{C.CLASSES[int(shares.argmax())]}, {shares.max():.1f}%)"))
     return rows
 
 
@@ -246,10 +240,6 @@ def sections(model_dir, records, test):
         out.append(Section("", "Beyond the assignment: accuracy against MACs", "drawn from the "
                            f"records above and bench/accurate/{C.RESULTS_FILE} (made by "
                            f"`{records['accurate']['command']}`)", image="frontier.png"))
-    if records["evaluate"]:
-        out.append(Section("", "Beyond the assignment: accuracy per class", made_by(
-            records["evaluate"]), [(records["evaluate"]["command"], records["evaluate"]["output"])],
-            image="confusion.png"))
     code = Path(C.__file__).read_text().splitlines()
     out.append(Section("a", "(a) Code: CNNclassify.py", f"the script itself, {len(code)} lines, "
                        f"sha256 {C.sha256_of(C.__file__)}", notes=code_map(code), code=code))
@@ -483,10 +473,6 @@ def report(model_dir, records_dir, out_dir, author=None, course=None, readme=Non
         (Path(model_dir) / "accuracy.png").read_bytes()))
     if records["accurate"]:
         draw_frontier(frontier_points(records), out_dir / "frontier.png")
-    if records["evaluate"]:
-        C.draw_confusion(torch.tensor(records["evaluate"]["confusion"]), "CIFAR-10 test set, "
-                         f"{C.MAIN_MODEL}: {records['evaluate']['accuracy']:.2f}%",
-                         out_dir / "confusion.png")
     write_markdown(summary, parts, cover, out_dir / "report.md")
     write_pdf(summary, parts, cover, out_dir, out_dir / "report.pdf")
     C.write_json(out_dir / "report.json", {"code_sha256": C.sha256_of(C.__file__),

@@ -128,6 +128,8 @@ def make_bad_inputs(folder):
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     ok, png = cv2.imencode(".png", image)
     (folder / "truncated.png").write_bytes(png.tobytes()[: len(png) // 2])
+    ok, jpg = cv2.imencode(".jpg", image)
+    (folder / "truncated.jpg").write_bytes(jpg.tobytes()[: len(jpg) // 2])
     header = bytearray(png.tobytes()[:33])  # signature + IHDR; width field set to 0
     header[16:20] = (0).to_bytes(4, "big")
     (folder / "zero_width.png").write_bytes(bytes(header) + png.tobytes()[33:])
@@ -135,7 +137,7 @@ def make_bad_inputs(folder):
 
 @pytest.mark.parametrize("name,problem", [("missing.png", "no such file"), ("dir.png", "directory"),
                                           ("empty.png", "empty file"), ("notes.png", "not an image"),
-                                          ("truncated.png", "not an image"),
+                                          ("truncated.png", "not an image"), ("truncated.jpg", "not an image"),
                                           ("zero_width.png", "not an image")])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, name, problem, shipped_model):
     make_bad_inputs(tmp_path)

@@ -44,11 +44,11 @@ ITEMS = {  # the assignment's items: where each is in the code
     "g": ("seeds, accuracies, mean and std", ["set_seed", "seed_table"]),
     "h": ("inference time", ["inference_speed_test"])}
 CONV1_WORDS = ("conv1 is the assignment's Conv2d(3, 32, kernel_size=5, stride=1, padding=0): 32 "
-               "filters, each over the whole 5x5 kernel. It is set from the training images "
-               "before training (set_whitening): 12 ZCA-whitening filters that give each colour of "
-               "the four centre pixels decorrelated from its 5x5 neighbourhood, the 4 strongest "
-               "principal directions of 5x5 patches, and the negatives of these 16; it is then "
-               "kept fixed, which measured better than training it (bench/README.md).")
+               "filters, each over the whole 5x5 kernel (none is a smaller patch padded with "
+               "zeros). It is set from the training images (set_whitening: 12 ZCA-whitening "
+               "filters for each colour of the four centre pixels, the 4 strongest principal "
+               "directions of 5x5 patches, and the negatives of these 16), then trained with the "
+               "other filters, which measured better than keeping it fixed (bench/README.md).")
 PLOT_WORDS = ("Train accuracy is counted on the augmented batches (random flips and 2-pixel "
               "shifts), with label smoothing, while the weights move; test accuracy is of the "
               "moving average of the weights, on the clean test images. So train accuracy trails "

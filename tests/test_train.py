@@ -393,7 +393,7 @@ def test_cpu_format_rule_follows_the_hardware_and_the_onednn_cap(monkeypatch, ve
     assert C.precision_name(dtype) == expected and why.startswith(expected)
     assert C.training_format(torch.device("cpu"), "float16")[0] == torch.float16  # --precision overrides
     assert C.inference_format(torch.device("cpu"), "auto") == torch.float32  # batch 1: float32
-    assert C.inference_format(torch.device("cpu"), "auto", "bfloat16") == C.PRECISIONS[expected]
+    assert C.inference_format(torch.device("cpu"), "bfloat16") == torch.bfloat16  # --precision overrides
 
 
 @pytest.mark.parametrize("capability,expected", [((9, 0), torch.bfloat16), ((8, 6), torch.bfloat16),

@@ -1420,7 +1420,7 @@ def load_torch_file(path, missing_message):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # torch's advice to retry unsafely is not repeated
-        if "Unsupported global" in str(error):
+        if "Unsupported global" in str(error) or "Unsupported class" in str(error):  # torch 2.3
             raise UserError(f"{path}: holds objects other than tensors and plain data; refused, "
                             "since loading it would run code") from None
         detail = first_line(str(error).split("WeightsUnpickler error:")[-1])

@@ -333,11 +333,13 @@ def finished_seed(path, settings, restart):
     if isinstance(saved, dict) and saved.get("run_settings") == settings:
         return log(f"{shown_path(path)}: trained with these settings, kept (--restart trains "
                    "it again)") or saved
-    old = saved.get("run_settings") if isinstance(saved, dict) else None
-    old = old if isinstance(old, dict) else {}
-    names = [k for k, v in {**settings, **settings["recipe"]}.items() if k != "recipe" and
-             v != {**old, **(old.get("recipe") if isinstance(old.get("recipe"), dict) else {})
-                   }.get(k)]
+    def fields(run_settings):  # the settings, the recipe's fields one by one
+        run_settings = run_settings if isinstance(run_settings, dict) else {}
+        recipe = run_settings.get("recipe")
+        return {**run_settings, **(recipe if isinstance(recipe, dict) else {}), "recipe": None}
+
+    old = fields(saved.get("run_settings") if isinstance(saved, dict) else None)
+    names = [k for k, v in fields(settings).items() if old.get(k) != v]
     log(f"{shown_path(path)}: made with other settings ({', '.join(names)}); training it again")
 
 

@@ -237,9 +237,14 @@ def sections(model_dir, records, test):
                    notes=[f"Both models compute in {speed['precision']}: at batch 1 it is faster "
                           "than bfloat16 on every CPU measured (bench/README.md)."])]
     if records["accurate"]:
+        points = [f"{label}: {macs:,} MACs per image, {accuracy:.2f}%"
+                  + (f", {latency:.3f} ms" if latency else "") + f" ({macs / shipped:.1f}x ours)"
+                  for label, macs, accuracy, latency in frontier_points(records)
+                  for shipped in [profile["models"][0]["macs"]]]
         out.append(Section("", "Beyond the assignment: accuracy against MACs", "drawn from the "
                            f"records above and bench/accurate/{C.RESULTS_FILE} (made by "
-                           f"`{records['accurate']['command']}`)", image="frontier.png"))
+                           f"`{records['accurate']['command']}`)", image="frontier.png",
+                           notes=points))
     code = Path(C.__file__).read_text().splitlines()
     out.append(Section("a", "(a) Code: CNNclassify.py", f"the script itself, {len(code)} lines, "
                        f"sha256 {C.sha256_of(C.__file__)}", notes=code_map(code), code=code))

@@ -10,6 +10,7 @@ The report and the zip to hand in are made by report/build.py beside it.
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -39,6 +40,7 @@ MODEL_DIR = ROOT / "model"
 MAIN_MODEL = "cnn.pt"            # the model `test` loads: a copy of the first seed's
 RESULTS_FILE = "results.json"    # every epoch of every seed, the command and the machine
 LOG_FILE = "train_log.txt"       # what `train` printed on stdout
+CONFUSION_FILE = "confusion.png"  # the first seed's confusion matrix
 RECORDS_DIR = MODEL_DIR / "records"
 IMAGE_DIR = ROOT / "test_images"
 os.environ.setdefault("MPLCONFIGDIR", str(ROOT / ".matplotlib"))  # its font cache: not in ~
@@ -260,9 +262,11 @@ def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- train
 
-def command_train(args):
-    """`train`: one model per seed in model/ (seeds already trained with the same settings are
-    kept), then results.json, the plot, train_log.txt and cnn.pt (the first seed's model)."""
+def train(args):
+    """`train`: one model per seed in model/, trained from scratch (with --resume, seeds already
+    saved with the same settings are kept), then results.json, the plot, train_log.txt and cnn.pt
+    (the first seed's model). Preset, number format and the time estimate go into the progress
+    bar's text and results.json: stdout carries the epoch lines and the seed table only."""
     model_dir = Path(args.model_dir or (MODEL_DIR / "subset" if args.subset else MODEL_DIR))
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
@@ -274,19 +278,19 @@ def command_train(args):
                         f"{len(data['train'][0])} training images")
     recipe = recipe_for(device, args.batch_size, args.epochs, args.preset)
     dtype, why = training_format(device, args.precision)
-    log(f"training the {args.preset} preset on {device}: batch {recipe.batch_size}, "
-        f"{recipe.epochs} epochs, number format {why}")
     settings = {"recipe": dataclasses.asdict(recipe), "data": data_digest(data),
                 "precision": precision_name(dtype), "device": device.type,
                 "version": RECIPE_VERSION}  # a saved seed is reused only if all of these match
+    saved = {seed: finished_seed(model_dir / f"cnn_seed{seed}.pt", settings) if args.resume
+             else (None, "trained") for seed in args.seeds}
     extra = {"command": invocation(args), "machine": machine_description(device, dtype),
              "preset": args.preset, "subset": args.subset, "precision": precision_name(dtype),
              "precision_choice": why, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
-             "views": recipe.views, "recipe": settings["recipe"]}
+             "views": recipe.views, "recipe": settings["recipe"], "estimated_seconds": None,
+             "seed_status": {str(seed): note for seed, (_, note) in saved.items()}}
     torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-    saved = {seed: finished_seed(model_dir / f"cnn_seed{seed}.pt", settings, args.restart)
-             for seed in args.seeds}
-    epochs_left = recipe.epochs * sum(not saved[seed] for seed in args.seeds)
+    epochs_left = recipe.epochs * sum(saved[seed][0] is None for seed in args.seeds)
+    label = f"{args.preset}, {precision_name(dtype)}"  # the progress bar's prefix
     printed, runs = [], []
 
     def say(line):  # stdout, and the same line into train_log.txt
@@ -294,19 +298,21 @@ def command_train(args):
         printed.append(line)
 
     def on_epoch(seed, row):
+        nonlocal label
         say(epoch_line(seed, row, recipe.epochs))
-        if row["epoch"] == 1 and seed == next(s for s in args.seeds if not saved[s]):
-            log(f"time: about {row['seconds'] * epochs_left / 60:.0f} min for the {epochs_left} "
-                f"epochs to train here ({row['seconds']:.0f} s for the first)")
+        if extra["estimated_seconds"] is None:  # the first epoch trained times the whole run
+            extra["estimated_seconds"] = round(row["seconds"] * epochs_left)
+            label += f", about {extra['estimated_seconds'] / 60:.0f} min in all"
 
     for seed in args.seeds:
-        if saved[seed]:
-            history, seconds = saved[seed]["history"], saved[seed]["train_seconds"]
+        kept = saved[seed][0]
+        if kept:
+            history, seconds = kept["history"], kept["train_seconds"]
             for row in history:
                 say(epoch_line(seed, row, recipe.epochs))
         else:
             model, history, seconds = train_seed(data, seed, recipe, device, dtype,
-                                                 lambda row: on_epoch(seed, row))
+                                                 lambda row: on_epoch(seed, row), lambda: label)
             save_checkpoint(model_dir / f"cnn_seed{seed}.pt", model,
                             {"seed": seed, "views": recipe.views, "history": history,
                              "train_seconds": seconds, "run_settings": settings,
@@ -314,25 +320,25 @@ def command_train(args):
         path = model_dir / f"cnn_seed{seed}.pt"
         runs.append({"seed": seed, "model": path.name, "model_sha256": sha256_of(path),
                      "test_accuracy": history[-1]["test_accuracy"], "train_seconds": seconds,
-                     "history": history})
+                     **class_results(history[-1]), "history": history})
         results = save_results(model_dir, runs, extra, printed)
     for line in seed_table(results):
         say(line)
     write_text(model_dir / LOG_FILE, "\n".join(printed) + "\n")
 
 
-def finished_seed(path, settings, restart):
-    """A seed's checkpoint if it was trained with these settings (and not --restart), else
-    None, saying in one line why a file that is there is trained again."""
-    if restart or not path.is_file():
-        return None
+def finished_seed(path, settings):
+    """--resume: (the seed's checkpoint, "kept") if it was trained with these settings, else
+    (None, why it is trained again), for results.json."""
+    if not path.is_file():
+        return None, "trained (none saved)"
     try:
         saved = load_torch_file(path, "")
     except UserError as error:
-        return log(f"{shown_path(path)}: unreadable ({first_line(error)}); training it again")
+        return None, f"trained again (saved file unreadable: {first_line(error)})"
     if isinstance(saved, dict) and saved.get("run_settings") == settings:
-        return log(f"{shown_path(path)}: trained with these settings, kept (--restart trains "
-                   "it again)") or saved
+        return saved, "kept (--resume: saved with these settings)"
+
     def fields(run_settings):  # the settings, the recipe's fields one by one
         run_settings = run_settings if isinstance(run_settings, dict) else {}
         recipe = run_settings.get("recipe")
@@ -340,7 +346,18 @@ def finished_seed(path, settings, restart):
 
     old = fields(saved.get("run_settings") if isinstance(saved, dict) else None)
     names = [k for k, v in fields(settings).items() if old.get(k) != v]
-    log(f"{shown_path(path)}: made with other settings ({', '.join(names)}); training it again")
+    return None, f"trained again (saved with other settings: {', '.join(names)})"
+
+
+def class_results(row):
+    """Where the model errs: the last evaluation's confusion matrix (rows: true class, columns:
+    predicted) and each class's accuracy, by name."""
+    matrix = row.get("confusion_matrix")
+    if matrix is None:
+        return {}
+    return {"confusion_matrix": matrix,
+            "per_class_accuracy": {name: 100.0 * matrix[i][i] / max(1, sum(matrix[i]))
+                                   for i, name in enumerate(CLASSES)}}
 
 
 def set_seed(seed):
@@ -351,10 +368,11 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def train_seed(data, seed, recipe, device, dtype, on_epoch=None):
+def train_seed(data, seed, recipe, device, dtype, on_epoch=None, label=lambda: ""):
     """Train one model: returns the moving average (on the CPU), the history (a row per epoch,
     also given to on_epoch) and the seconds. Test figures are the average's, at epoch_views
-    until the last epoch, then at the recipe's views."""
+    until the last epoch, then at the recipe's views; the last row holds the confusion matrix.
+    label() is the progress bar's prefix."""
     set_seed(seed)
     images, labels = data["train"]
     pixels = to_float(images).transpose(0, 1).reshape(3, -1)
@@ -374,7 +392,7 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None):
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # kept on the device:
         correct = torch.zeros((), dtype=torch.int64, device=device)     # no sync in the epoch
         batches = progress_bar(loader.epoch(epoch), len(loader),
-                               f"seed {seed} epoch {epoch + 1}/{recipe.epochs}")
+                               f"{label()} seed {seed} epoch {epoch + 1}/{recipe.epochs}")
         for x, y in batches:
             logits = model(x)
             # label smoothing: the targets keep 20% spread over all classes, so the net is not
@@ -397,12 +415,15 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None):
         synchronize(device)
         train_seconds = time.perf_counter() - start
         views = recipe.views if epoch == recipe.epochs - 1 else recipe.epoch_views
-        test_loss, right = evaluate(ViewAverage(average, views), test_x, test_y, eval_batch(device))
+        test_loss, right, confusion = evaluate(ViewAverage(average, views), test_x, test_y,
+                                               eval_batch(device))
         seconds += time.perf_counter() - start
         row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / len(images),
                "train_accuracy": 100.0 * int(correct) / len(images), "test_loss": test_loss,
                "test_accuracy": 100.0 * right / len(test_x), "seconds": seconds,
                "images_per_second": len(images) / train_seconds, "test_views": views}
+        if epoch == recipe.epochs - 1:
+            row["confusion_matrix"] = confusion.tolist()
         history.append(row)
         check_progress(seed, row, step, recipe)
         if on_epoch:
@@ -579,17 +600,20 @@ def translate(images, offsets, shift):
 
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size):
-    """Mean loss and number right of a model taking [0, 1] floats, on uint8 images on its
-    device; the host waits for the device once, at the end."""
+    """Mean loss, number right and the confusion matrix (rows: true class, columns: predicted)
+    of a model taking [0, 1] floats, on uint8 images on its device; the host waits for the
+    device once, at the end."""
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=images.device)
-    correct = torch.zeros((), dtype=torch.int64, device=images.device)
+    counts = torch.zeros(len(CLASSES) ** 2, dtype=torch.int64, device=images.device)
     for start in progress_bar(range(0, len(images), batch_size), None, "evaluating"):
         x = to_float(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+        y = labels[start:start + batch_size]
         logits = model(x)
-        loss += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum")
-        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum()
-    return loss.item() / len(images), int(correct)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        counts += torch.bincount(y * len(CLASSES) + logits.argmax(1), minlength=len(CLASSES) ** 2)
+    confusion = counts.view(len(CLASSES), len(CLASSES)).cpu()
+    return loss.item() / len(images), int(confusion.trace()), confusion
 
 
 def epoch_line(seed, row, epochs):
@@ -621,6 +645,8 @@ def save_results(model_dir, runs, extra, printed):
                "std": float(np.std(accuracies))}
     write_json(model_dir / RESULTS_FILE, results)
     plot_accuracy(runs, model_dir / "accuracy.png")
+    if "confusion_matrix" in first:
+        plot_confusion(first, model_dir / CONFUSION_FILE)
     write_text(model_dir / LOG_FILE, "\n".join(printed) + "\n")
     return results
 
@@ -645,6 +671,23 @@ def plot_accuracy(runs, path):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def plot_confusion(run, path):
+    """The main seed's confusion matrix as a picture: true class down, predicted across."""
+    matrix = np.array(run["confusion_matrix"])
+    fig, ax = pyplot().subplots(figsize=(7, 6))
+    ax.imshow(matrix / matrix.sum(1, keepdims=True).clip(1), cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
+                color="white" if i == j else "black")
+    ticks = np.arange(len(CLASSES))
+    ax.set_xticks(ticks, CLASSES, rotation=45, ha="right")
+    ax.set_yticks(ticks, CLASSES)
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=f"seed {run['seed']} ({run['model']}): test images by true and predicted class")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
@@ -705,9 +748,9 @@ def ensure_cifar(data_dir, url=None, md5=None):
     names = CIFAR_TRAIN_FILES + [CIFAR_TEST_FILE]
     if not all((folder / name).is_file() for name in names):
         from torchvision.datasets.utils import download_and_extract_archive
-        log(f"CIFAR-10 not found in {data_dir}; downloading {url or CIFAR_URL}")
-        try:
-            download_and_extract_archive(url or CIFAR_URL, str(data_dir), md5=md5 or CIFAR_MD5)
+        try:  # torchvision prints "Downloading ..." on stdout: kept off it (results only)
+            with contextlib.redirect_stdout(open(os.devnull, "w")):
+                download_and_extract_archive(url or CIFAR_URL, str(data_dir), md5=md5 or CIFAR_MD5)
         except Exception as error:  # network down, bad checksum, bad archive: all one message
             raise UserError(f"could not get CIFAR-10 ({type(error).__name__}: "
                             f"{first_line(error)}); put the '{CIFAR_FOLDER}' folder inside "
@@ -737,7 +780,7 @@ MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused by OpenCV before dec
 LARGEST_SIDE_KEPT = 1024        # larger images are shrunk right after decoding
 
 
-def command_test(args):
+def test(args):
     """`test IMAGE`: print the predicted class and save CONV_rslt.png, the 32 maps of conv1.
     Several images: one line each, one model load; an unreadable one is one stderr line."""
     if len(args.images) > 1 and args.out:
@@ -922,9 +965,15 @@ RESNET20_URL = ("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/
                 "pretrained_models/resnet20-12fca82f.th")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+COURSE_RESNET20 = MODEL_DIR / "resnet20_cifar10_pretrained.pt"  # handed out with the assignment
 
 
-def command_resnet20(args):
+def default_weights():
+    """The course's ResNet-20 (option B, 92.05%) where it sits in model/, else the download."""
+    return str(COURSE_RESNET20) if COURSE_RESNET20.is_file() else RESNET20_URL
+
+
+def resnet20(args):
     """`resnet20`: accuracy of a pretrained ResNet-20 on the 10,000 test images."""
     device = pick_device(args.device)
     model, weights = load_resnet20(args.weights)
@@ -998,12 +1047,15 @@ def load_resnet20(source=RESNET20_URL):
     path = Path(source)
     if "://" in source:
         path = Path(torch.hub.get_dir()) / "checkpoints" / source.rsplit("/", 1)[-1]
+        prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+        if path.is_file() and not sha256_of(path).startswith(prefix):  # hub checks downloads only
+            raise UserError(f"{path}: its sha256 does not start with {prefix} as its name says "
+                            "(changed or damaged); delete it to download it again")
         try:
             if not path.is_file():
-                log(f"downloading {source} to {path}")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
-                torch.hub.download_url_to_file(source, str(path), prefix, progress=False)
+                torch.hub.download_url_to_file(source, str(path), prefix,
+                                               progress=sys.stderr.isatty())
         except Exception as error:
             raise UserError(f"checksum mismatch: the file downloaded from {source} does not have "
                             "the sha256 its name gives; nothing was saved" if "invalid hash"
@@ -1085,7 +1137,8 @@ def inference_speed_test(args):
     """Single-image inference time of our CNN (as shipped; also with one view where it has
     more) and ResNet-20, on one device, after args.warmup untimed calls: the mean, median and
     95th percentile of args.iterations timed ones. Prints the table and returns it with the
-    figures. args: device, precision, warmup, iterations, model, weights."""
+    figures. args: device, precision, warmup, iterations, model, weights, and records_dir
+    (the `speed` command: the table is also recorded there for the report)."""
     device = pick_device(args.device)
     dtype = inference_format(device, args.precision)
     cnn = load_cnn(args.model, device, dtype)
@@ -1107,9 +1160,12 @@ def inference_speed_test(args):
               for m in results[:-1]]
     lines.append(weights_line(weights))
     print("\n".join(lines))
-    return {"models": results, "device": str(device), "views": cnn.views, "lines": lines,
-            "precision": precision_name(dtype), "threads": torch.get_num_threads(),
-            "warmup": args.warmup, "iterations": args.iterations, **weights}
+    result = {"models": results, "device": str(device), "views": cnn.views,
+              "precision": precision_name(dtype), "threads": torch.get_num_threads(),
+              "warmup": args.warmup, "iterations": args.iterations, **weights}
+    if getattr(args, "records_dir", None):
+        save_record(args, "speed", lines, {**model_identity(args.model), **result}, device, dtype)
+    return {**result, "lines": lines}
 
 
 @torch.inference_mode()
@@ -1125,13 +1181,6 @@ def time_inference(model, x, warmup, iterations):
         synchronize(x.device)
         times.append(time.perf_counter() - start)
     return np.array(times)
-
-
-def command_speed(args):
-    """`speed`: inference_speed_test, recorded."""
-    result = inference_speed_test(args)
-    save_record(args, "speed", result.pop("lines"), {**model_identity(args.model), **result},
-                torch.device(result["device"]), PRECISIONS[result["precision"]])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1170,8 +1219,10 @@ def build_parser():
                                       "help": precision}))
     model = options(("--model", {"default": str(MODEL_DIR / MAIN_MODEL),
                                  "help": "our CNN's model file"}))
-    weights = options(("--weights", {"default": RESNET20_URL, "help": "ResNet-20 checkpoint path "
-                                     "or URL (a URL is cached by torch.hub, sha256-checked)"}))
+    weights = options(("--weights", {"default": default_weights(), "help": "ResNet-20 checkpoint "
+                                     "path or URL (a URL is cached by torch.hub, sha256-checked); "
+                                     f"default: {shown_path(COURSE_RESNET20)} when it is there, "
+                                     "else the published option-A file"}))
     data = options(("--data-dir", {"default": "data", "help": "folder holding "
                                    "cifar-10-batches-py/ (downloaded there when missing)"}))
     records = options(("--records-dir", {"default": str(RECORDS_DIR),
@@ -1187,7 +1238,7 @@ def build_parser():
         p.set_defaults(run=run)
         return p
 
-    p = command("train", command_train, "train the CNN on CIFAR-10 and save it in model/", data,
+    p = command("train", train, "train the CNN on CIFAR-10 and save it in model/", data,
                 device)
     p.add_argument("--seeds", type=int_from(0), nargs="+", default=[0, 1, 2],
                    help="one model per seed; mean and numpy.std over them")
@@ -1204,44 +1255,60 @@ def build_parser():
                         "save into model/subset/ unless --model-dir is given")
     p.add_argument("--model-dir", help="where the models, results.json, the plot and the log go "
                                        "(default: model/, or model/subset/ with --subset)")
-    p.add_argument("--restart", action="store_true",
-                   help="train every seed again, even those already saved with these settings")
-    p = command("test", command_test, "classify images and save CONV_rslt.png", model, device)
+    p.add_argument("--resume", action="store_true",
+                   help="keep each seed already saved in the model folder with these settings "
+                        "(an interrupted run) and train the others; without it every seed is "
+                        "trained from scratch")
+    p = command("test", test, "classify images and save CONV_rslt.png", model, device)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, WebP, "
                    "TIFF, ...); bare names are also looked up in test_images/")
     p.add_argument("--out", help="where the conv-layer figure of the image goes (.png, .jpg, "
                                  ".pdf, ...; default: CONV_rslt.png)")
-    command("resnet20", command_resnet20, "test accuracy of a pretrained ResNet-20", weights, data,
+    command("resnet20", resnet20, "test accuracy of a pretrained ResNet-20", weights, data,
             records, device)
     command("profile", command_profile, "MACs and parameters of both models (THOP)", model,
             weights, records)
-    p = command("speed", command_speed, "single-image inference time of both models", model,
+    p = command("speed", inference_speed_test, "single-image inference time of both models", model,
                 weights, records, device)
     p.add_argument("--warmup", type=int_from(0), default=50, help="untimed iterations first")
     p.add_argument("--iterations", type=int_from(1), default=1000, help="timed iterations")
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM (kill, timeout, job schedulers), raised where the program is, like Ctrl-C."""
+
+
 def stop(signum, frame):
-    """SIGTERM (kill, timeout, job schedulers): temporary files go, saved ones stay."""
-    log("terminated; files already saved are intact")
-    sys.exit(143)
+    raise Terminated
 
 
 def main(argv=None):
-    """Run one command; every error the user can fix is one line on stderr and exit code 2."""
+    """Run one command; every error the user can fix is one line on stderr and exit code 2. A
+    stopped `train` (Ctrl-C, SIGTERM, a crash) says in its one line how to resume."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     signal.signal(signal.SIGTERM, stop)
+    resume = ""
+    if args.run is train:
+        resume = ("; rerun the same command to go on" if args.resume else
+                  f"; `{invocation(args)} --resume` trains the seeds not yet saved")
     try:
         args.run(args)
     except UserError as error:
         log(f"error: {error}")
         return 2
-    except KeyboardInterrupt:
-        log("interrupted; files already saved are intact")
-        return 130
+    except (KeyboardInterrupt, Terminated) as signal_:
+        what = "interrupted" if isinstance(signal_, KeyboardInterrupt) else "terminated"
+        log(f"{what}; files already saved are intact{resume}")
+        return 130 if what == "interrupted" else 143
+    except Exception as error:  # noqa: BLE001 - a crash mid-training: say how to go on
+        if args.run is not train:
+            raise
+        log(f"error: training stopped ({type(error).__name__}: {first_line(error)}); files "
+            f"already saved are intact{resume}")
+        return 1
     return 0
 
 

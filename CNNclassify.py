@@ -42,6 +42,7 @@ RESULTS_FILE = "results.json"    # every epoch of every seed, the command and th
 LOG_FILE = "train_log.txt"       # what `train` printed on stdout
 CONFUSION_FILE = "confusion.png"  # the first seed's confusion matrix
 RECORDS_DIR = MODEL_DIR / "records"
+TEST_FIGURE = "test_CONV_rslt.png"  # in RECORDS_DIR: the figure of the last recorded `test`
 IMAGE_DIR = ROOT / "test_images"
 os.environ.setdefault("MPLCONFIGDIR", str(ROOT / ".matplotlib"))  # its font cache: not in ~
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -85,8 +86,8 @@ class Recipe:
         return min(2, self.views)
 
 
-# "efficient": a narrow net for many epochs, one view (beats ResNet-20 on accuracy, MACs and
-# latency). "accurate": airbench's widths and six test-time views, the last point of accuracy.
+# "efficient": a narrow net for many epochs, one view: fewer MACs than ResNet-20 and about its
+# accuracy. "accurate": airbench's widths and six test-time views, the last point of accuracy.
 PRESETS = {"efficient": Recipe(),
            "accurate": Recipe(widths=(64, 256, 256), epochs=8, views=6)}
 DEFAULT_PRESET = "efficient"
@@ -781,8 +782,10 @@ LARGEST_SIDE_KEPT = 1024        # larger images are shrunk right after decoding
 
 
 def test(args):
-    """`test IMAGE`: print the predicted class and save CONV_rslt.png, the 32 maps of conv1.
-    Several images: one line each, one model load; an unreadable one is one stderr line."""
+    """`test IMAGE`: print the predicted class and save CONV_rslt.png, the 32 maps of conv1;
+    what it printed, the image's and the model's sha256 and a copy of the figure are recorded
+    for the report. Several images: one line each, one model load; an unreadable one is one
+    stderr line."""
     if len(args.images) > 1 and args.out:
         raise UserError("--out names the figure of one image; give one image with it")
     out = args.out or "CONV_rslt.png"
@@ -793,7 +796,15 @@ def test(args):
     if len(args.images) == 1:
         lines, figure, _ = classify_image(args.images[0], model)
         print("\n".join(lines), flush=True)
-        return draw_conv_maps(*figure, out)
+        draw_conv_maps(*figure, out)
+        image = resolve_image_path(args.images[0])
+        write_atomically(Path(args.records_dir) / TEST_FIGURE,
+                         lambda tmp: shutil.copyfile(out, tmp))
+        return save_record(args, "test", lines, {
+            **model_identity(args.model), "image": shown_path(image),
+            "image_sha256": sha256_of(image), "figure": shown_path(out),
+            "figure_sha256": sha256_of(out), "figure_copy": TEST_FIGURE}, device,
+            inference_format(device, args.precision))
     failed = 0
     for name in args.images:
         try:
@@ -1085,9 +1096,10 @@ def load_resnet20(source=RESNET20_URL):
 
 
 def weights_line(weights):
-    """The one line that names a ResNet-20's weights: file, shortcut option, sha256."""
+    """The one line that names a ResNet-20's weights: file, shortcut option, sha256 (its first
+    12 characters; the record keeps all of it)."""
     return (f"weights: {weights['weights']} (option {weights['option']} shortcuts), "
-            f"sha256 {weights['weights_sha256']}")
+            f"sha256 {weights['weights_sha256'][:12]}")
 
 
 # ----------------------------------------------------------------- costs (THOP) and inference speed
@@ -1243,8 +1255,9 @@ def build_parser():
     p.add_argument("--seeds", type=int_from(0), nargs="+", default=[0, 1, 2],
                    help="one model per seed; mean and numpy.std over them")
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                   help="efficient: beats the pretrained ResNet-20 on accuracy, MACs and latency; "
-                        "accurate: the last point of accuracy, for many times the MACs")
+                   help="efficient: a narrow net, one test-time view, fewer MACs than the "
+                        "pretrained ResNet-20; accurate: wider, six views, the last point of "
+                        "accuracy for many times the MACs")
     p.add_argument("--epochs", type=int_from(1), help="epochs per seed (default: the preset's, "
                    + ", ".join(f"{r.epochs} {name}" for name, r in PRESETS.items()) + ")")
     p.add_argument("--batch-size", type=int_from(1), help="lr and weight decay scale with it "
@@ -1259,7 +1272,7 @@ def build_parser():
                    help="keep each seed already saved in the model folder with these settings "
                         "(an interrupted run) and train the others; without it every seed is "
                         "trained from scratch")
-    p = command("test", test, "classify images and save CONV_rslt.png", model, device)
+    p = command("test", test, "classify images and save CONV_rslt.png", model, records, device)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, BMP, WebP, "
                    "TIFF, ...); bare names are also looked up in test_images/")
     p.add_argument("--out", help="where the conv-layer figure of the image goes (.png, .jpg, "

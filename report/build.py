@@ -16,6 +16,7 @@ import ast
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import CNNclassify as C  # noqa: E402
 
-TEST_IMAGE = "chelsea.png"      # the student's own photo in test_images/, not a CIFAR-10 image
+TEST_IMAGE = "chelsea.png"      # the photo the shipped test record shows, in test_images/
+IMAGE_SOURCES = {"chelsea.png": "a photograph from scikit-image's sample data, not CIFAR-10"}
 ACCURATE_DIR = C.ROOT / "bench" / "accurate"  # `train --preset accurate`, for the frontier
 MAX_ZIP_BYTES = 50_000_000      # what a course's upload form takes
 NAME_PART = re.compile(r"[A-Za-z]+(-[A-Za-z]+)*")
@@ -36,9 +38,9 @@ DATASET_NAMES = re.compile(r"(data_batch_\d|test_batch|batches\.meta|cifar-10.*\
 TRAIN = "python CNNclassify.py train"
 ITEMS = {  # the assignment's items: where each is in the code
     "a": ("the code", ["main"]),
-    "b": ("training and testing output", ["command_train", "train_seed", "command_test"]),
+    "b": ("training and testing output", ["train", "train_seed", "test"]),
     "c": ("first conv layer's outputs", ["CNN", "set_whitening", "draw_conv_maps"]),
-    "d": ("ResNet-20's test accuracy", ["command_resnet20", "load_resnet20"]),
+    "d": ("ResNet-20's test accuracy", ["resnet20", "load_resnet20"]),
     "e": ("accuracy plot", ["plot_accuracy"]),
     "f": ("MACs and parameters (THOP)", ["count_costs", "command_profile"]),
     "g": ("seeds, accuracies, mean and std", ["set_seed", "seed_table"]),
@@ -65,7 +67,9 @@ KEYS = {  # what each record must hold; checked before anything runs
     "profile": {"command": str, "output": list, "models": list, "model_sha256": str,
                 "weights_sha256": str},
     "speed": {"command": str, "output": list, "models": list, "model_sha256": str,
-              "weights_sha256": str, "precision": str}}
+              "weights_sha256": str, "precision": str},
+    "test": {"command": str, "output": list, "model_sha256": str, "image": str,
+             "image_sha256": str, "figure_sha256": str, "figure_copy": str}}
 
 
 def read_record(path, kind):
@@ -104,6 +108,11 @@ def read_records(model_dir, records_dir):
             raise C.UserError(f"{name + '.json' if name == 'results' else f'records/{name}.json'}"
                               f" was made from another model than {C.shown_path(main)} (sha256 "
                               f"differs): rerun `{command}`")
+    test = records["test"]
+    figure = test and records_dir / test["figure_copy"]
+    if test and not (figure.is_file() and C.sha256_of(figure) == test["figure_sha256"]):
+        raise C.UserError(f"records/{test['figure_copy']} is not the figure test.json names: "
+                          f"rerun `python CNNclassify.py test {TEST_IMAGE}`")
     weights = records["resnet20"] and records["resnet20"]["weights_sha256"]
     for name in ("profile", "speed"):
         if weights and records[name] and records[name]["weights_sha256"] != weights:
@@ -120,25 +129,38 @@ def made_by(rec):
     return f"made by `{rec['command']}` on {where}, torch {machine.get('torch')}"
 
 
-def summary_rows(records, test):
+def image_label(test, source=None):
+    """The tested image's name and where it comes from, as the report shows it."""
+    name = Path(test["image"]).name
+    return f"{name} ({source or IMAGE_SOURCES.get(name, 'the image given to `test`')})"
+
+
+def summary_rows(records, source=None):
     """The headline rows: of the report's first page and README's results table."""
     rows = []
     if records["results"]:
         results, machine = records["results"], records["results"]["machine"]
         runs, seconds = results["runs"], [r["train_seconds"] for r in results["runs"]]
+        main = next(r for r in runs if r["seed"] == results["main_seed"])
         rows += [("machine (training)", f"{machine['cpu']}, {machine['torch_threads']} torch "
                   f"threads, {machine['device']}, {results['precision']}, "
                   f"torch {machine['torch']}"),
                  ("CNN (ours) test accuracy", f"{results['mean']:.2f}% +/- {results['std']:.2f} "
-                  f"(mean +/- numpy.std, seeds {', '.join(str(r['seed']) for r in runs)}; "
-                  f"{results['epochs']} epochs, preset {results['preset']})"),
+                  f"(mean +/- numpy.std, seeds {', '.join(str(r['seed']) for r in runs)}: "
+                  + " / ".join(f"{r['test_accuracy']:.2f}" for r in runs)
+                  + f"; {results['epochs']} epochs, preset {results['preset']})"),
+                 (f"CNN (ours) shipped, model/{C.MAIN_MODEL}",
+                  f"{main['test_accuracy']:.2f}% (seed {main['seed']})"),
                  ("CNN training time per seed", f"{np.mean(seconds):.0f} s mean, "
                   f"{max(seconds):.0f} s max")]
-    if test:
-        rows.append((f"test {TEST_IMAGE} (our own photo)", test[0][0]))
+    if records["test"]:
+        rows.append((f"test {image_label(records['test'], source)}",
+                     records["test"]["output"][0]))
     if records["resnet20"]:
         rows.append((f"ResNet-20 ({records['resnet20']['weights']})",
                      f"{records['resnet20']['accuracy']:.2f}%"))
+    if records["resnet20"] and records["results"]:
+        rows.append(("ours against ResNet-20, accuracy", against(records)))
     if records["profile"]:
         rows += [(f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}")
                  for m in records["profile"]["models"]]
@@ -146,6 +168,16 @@ def summary_rows(records, test):
         rows += [(f"inference, batch 1: {m['name']}", f"{m['mean_ms']:.3f} ms mean "
                   f"({records['speed']['precision']})") for m in records["speed"]["models"]]
     return rows
+
+
+def against(records):
+    """Our seeds' accuracy beside ResNet-20's, with the seeds below it named: "beats" is said
+    only when every seed beats it."""
+    results, theirs = records["results"], records["resnet20"]["accuracy"]
+    below = [str(r["seed"]) for r in results["runs"] if r["test_accuracy"] <= theirs]
+    verdict = (f"every seed above ResNet-20" if not below else
+               f"seed{'s' * (len(below) > 1)} {', '.join(below)} at or below ResNet-20")
+    return f"{results['mean']:.2f} +/- {results['std']:.2f} vs {theirs:.2f}; {verdict}"
 
 
 def machine_rows(records):
@@ -194,8 +226,9 @@ def need(records, name, maker):
     return records[name]
 
 
-def log_lines(model_dir, keep=70):
-    """model/train_log.txt as `train` printed it; past `keep` lines the middle is elided."""
+def log_lines(model_dir, keep=60):
+    """model/train_log.txt as `train` printed it; past `keep` lines the middle is elided (the
+    block then fits one page)."""
     path = Path(model_dir) / C.LOG_FILE
     if not path.is_file():
         raise Missing(f"{C.LOG_FILE} is missing: run `{TRAIN}`")
@@ -206,71 +239,112 @@ def log_lines(model_dir, keep=70):
             + lines[-(keep // 2 - 10):])
 
 
-def sections(model_dir, records, test):
+def seed_lines(model_dir):
+    """The end of what `train` printed: the table seed -> test accuracy, mean and std."""
+    lines = (Path(model_dir) / C.LOG_FILE).read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("seed  test accuracy")]
+    return lines[starts[-1]:] if starts else []
+
+
+def class_table(run):
+    """Per-class test accuracy of one seed, from its confusion matrix in results.json."""
+    matrix = np.array(run["confusion_matrix"])
+    rows = [f"{'class':<11s} {'accuracy':>8s} {'images':>6s}  most often taken for"]
+    for i, name in enumerate(C.CLASSES):
+        wrong = matrix[i].copy()
+        wrong[i] = -1
+        rows.append(f"{name:<11s} {run['per_class_accuracy'][name]:7.1f}% {matrix[i].sum():6d}  "
+                    f"{C.CLASSES[wrong.argmax()]} ({wrong.max()})")
+    return rows
+
+
+def sections(model_dir, records, source=None):
     """The report's items (b)-(h), the extras, then (a); Missing for an item lacking a record."""
     results = need(records, "results", TRAIN)
     resnet = need(records, "resnet20", "python CNNclassify.py resnet20")
     profile = need(records, "profile", "python CNNclassify.py profile")
     speed = need(records, "speed", "python CNNclassify.py speed")
-    if test is None:
-        raise Missing(f"{C.MAIN_MODEL} is missing: run `{TRAIN}`")
+    test = need(records, "test", f"python CNNclassify.py test {TEST_IMAGE}")
     out = [Section("b", "(b) Output of training", f"model/{C.LOG_FILE}, what `train` printed; "
                    + made_by(results), [(results["command"], log_lines(model_dir))]),
-           Section("b", "(b) Output of testing our own photo", "made by `report`, running `test` "
-                   "on the model in model/", [(f"python CNNclassify.py test {TEST_IMAGE}",
-                                               test[0])]),
-           Section("c", f"(c) First conv layer for {TEST_IMAGE} (CONV_rslt.png)",
-                   "made by the same run", image="CONV_rslt.png", notes=[CONV1_WORDS]),
+           Section("b", f"(b) Output of testing {image_label(test, source)}",
+                   f"model/records/test.json, what `test` printed; " + made_by(test),
+                   [(test["command"], test["output"])]),
+           Section("c", f"(c) First conv layer for {Path(test['image']).name} (CONV_rslt.png)",
+                   f"the CONV_rslt.png saved by the same run (a copy kept as "
+                   f"model/records/{test['figure_copy']})", image="CONV_rslt.png",
+                   notes=[CONV1_WORDS]),
            Section("d", "(d) ResNet-20 test accuracy", made_by(resnet),
                    [(resnet["command"], resnet["output"])]),
            Section("e", "(e) Train and test accuracy per epoch", made_by(results),
                    image="accuracy.png", notes=[PLOT_WORDS]),
            Section("f", "(f) MACs and parameters (THOP)", made_by(profile),
                    [(profile["command"], profile["output"])]),
-           Section("g", "(g) Seeds and final test accuracy", made_by(results),
-                   [(results["command"], C.seed_table(results))],
+           Section("g", "(g) Seeds and final test accuracy", "the end of model/"
+                   f"{C.LOG_FILE}; " + made_by(results),
+                   [(results["command"], seed_lines(model_dir))],
                    notes=["Each seed sets Python's, NumPy's and PyTorch's generators by hand "
                           "(set_seed) and the data order and augmentation (Loader); std is "
-                          "numpy.std over the seeds."]),
+                          "numpy.std over the seeds. Against ResNet-20's "
+                          f"{resnet['accuracy']:.2f}%: {against(records)}."]),
            Section("h", "(h) Inference time, one image", made_by(speed),
                    [(speed["command"], speed["output"])],
                    notes=[f"Both models compute in {speed['precision']}: at batch 1 it is faster "
                           "than bfloat16 on every CPU measured (bench/README.md)."])]
+    main = next(r for r in results["runs"] if r["seed"] == results["main_seed"])
+    if "confusion_matrix" in main:
+        out.append(Section("", f"Beyond the assignment: where model/{C.MAIN_MODEL} errs",
+                           f"the last evaluation of seed {main['seed']} in model/"
+                           f"{C.RESULTS_FILE} (its confusion matrix), " + made_by(results),
+                           [("", class_table(main))], image=C.CONFUSION_FILE))
     if records["accurate"]:
         points = [f"{label}: {macs:,} MACs per image, {accuracy:.2f}%"
-                  + (f", {latency:.3f} ms" if latency else "") + f" ({macs / shipped:.1f}x ours)"
+                  + (f", {latency:.3f} ms" if latency else "")
+                  + f" (MACs {macs / shipped:.2f}x ours)"
                   for label, macs, accuracy, latency in frontier_points(records)
                   for shipped in [profile["models"][0]["macs"]]]
-        out.append(Section("", "Beyond the assignment: accuracy against MACs", "drawn from the "
-                           f"records above and bench/accurate/{C.RESULTS_FILE} (made by "
-                           f"`{records['accurate']['command']}`)", image="frontier.png",
-                           notes=points))
+        out.append(Section("", "Beyond the assignment: accuracy against MACs", "drawn by "
+                           "`report` from the records above and bench/accurate/"
+                           f"{C.RESULTS_FILE} (made by `{records['accurate']['command']}`); the "
+                           "accurate preset's MACs are counted by `report` (THOP, its widths "
+                           "and views)", image="frontier.png", notes=points))
     code = Path(C.__file__).read_text().splitlines()
     out.append(Section("a", "(a) Code: CNNclassify.py", f"the script itself, {len(code)} lines, "
-                       f"sha256 {C.sha256_of(C.__file__)}", notes=code_map(code), code=code))
+                       f"sha256 {C.sha256_of(C.__file__)[:12]}", notes=code_map(code),
+                       code=code))
     return out
 
 
-def code_map(code):
-    """Where each item of the assignment is: item, function names and their first lines."""
-    lines = {node.name: node.lineno for node in ast.parse("\n".join(code)).body
-             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    return [f"({key}) {what}: " + ", ".join(f"{name} (line {lines[name]})" for name in names)
+def definitions(code):
+    """{top-level function or class name: its first line} of the script."""
+    return {node.name: node.lineno for node in ast.parse("\n".join(code)).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def code_map(code, pages=None):
+    """Where each item of the assignment is: item, function names, their first lines and, in
+    the PDF, the pages they are printed on (`pages`: line -> page, from a first layout)."""
+    lines = definitions(code)
+    where = {name: f"line {lines[name]}" + ("" if pages is None else
+                                             f", page {pages.get(lines[name], '??')}")
+             for name in lines}
+    return [f"({key}) {what}: " + ", ".join(f"{name} ({where[name]})" for name in names)
             for key, (what, names) in ITEMS.items()]
 
 
 def frontier_points(records):
-    """(label, MACs per image, mean test accuracy, batch-1 latency in ms or None): ResNet-20,
-    ours as shipped and the accurate preset; latencies from the one `speed` record."""
+    """(label, MACs per image, test accuracy, batch-1 latency in ms or None): ResNet-20, our
+    shipped model (its own seed's accuracy) and the accurate preset; latencies from `speed`."""
     speed = {m["name"]: m["mean_ms"] for m in records["speed"]["models"]}
-    shipped = records["profile"]["models"][0]["macs"]
-    accurate = records["accurate"]
+    results, accurate = records["results"], records["accurate"]
+    main = next(r for r in results["runs"] if r["seed"] == results["main_seed"])
     macs = C.count_costs(C.ViewAverage(C.build_cnn(C.PRESETS["accurate"]), accurate["views"]))[0]
     return [(f"ResNet-20 ({records['resnet20']['weights']})", records["profile"]["models"][-1]
              ["macs"], records["resnet20"]["accuracy"], speed["ResNet-20"]),
-            (f"ours, {records['results']['preset']} (shipped)", shipped,
-             records["results"]["mean"], speed["CNN (ours)"]),
-            (f"ours, accurate ({accurate['views']} views)", macs, accurate["mean"], None)]
+            (f"ours, {results['preset']}, {C.MAIN_MODEL} (seed {main['seed']})",
+             records["profile"]["models"][0]["macs"], main["test_accuracy"], speed["CNN (ours)"]),
+            (f"ours, accurate ({accurate['views']} views, seed {accurate['runs'][0]['seed']})",
+             macs, accurate["runs"][0]["test_accuracy"], None)]
 
 
 def draw_frontier(points, path):
@@ -297,9 +371,14 @@ def write_markdown(summary, parts, cover, path):
         out += ["", f"## {section.title}", "", section.source + ".", "", *section.notes]
         out += ["```python", *section.code, "```"] if section.code else []
         for command, lines in section.screenshots:
-            out += ["```", f"$ {command}", *lines, "```"]
+            out += ["```", *shell(command), *lines, "```"]
         out += [f"![{section.title}]({section.image})"] if section.image else []
     C.write_text(path, "\n".join(out) + "\n")
+
+
+def shell(command):
+    """The prompt line of a terminal block ([] for a table that no command printed)."""
+    return [f"$ {command}"] if command else []
 
 
 def replace_between_markers(text, name, content):
@@ -364,13 +443,14 @@ def wrap(line, width, indent):
     return pieces + [line]
 
 
-def preformatted(rows, style, width, numbered=False):
-    """Lines in the monospace style, wrapped to the width (the code with line numbers)."""
+def preformatted(rows, style, width, numbered=0):
+    """Lines in the monospace style, wrapped to the width (the code with line numbers, the
+    first being `numbered`)."""
     from reportlab.platypus import XPreformatted
     from xml.sax.saxutils import escape
-    columns = mono_columns(style, width) - 6 * numbered
+    columns = mono_columns(style, width) - 6 * bool(numbered)
     out = []
-    for number, line in enumerate(rows, 1):
+    for number, line in enumerate(rows, numbered or 1):
         pieces = [escape(p) for p in wrap(line, columns, 4)]
         if numbered:
             pieces = [f'<font color="#888888">{number:5d}</font> ' + pieces[0]] + [
@@ -380,40 +460,66 @@ def preformatted(rows, style, width, numbered=False):
 
 
 def write_pdf(summary, parts, cover, out_dir, path):
-    """Page 1: who, what, the items with their pages, the results; then each section. The code
-    is printed on landscape pages, where every line of CNNclassify.py fits whole."""
+    """Page 1: who, what, the items with their pages, the results; then each section, kept on
+    one page with its heading where it fits. The code is printed on landscape pages, where every
+    line of CNNclassify.py fits whole; the code map gives the page of each function (a first
+    layout finds them, the second prints them)."""
     from reportlab.lib.pagesizes import A4, landscape
-    from reportlab.platypus import (BaseDocTemplate, Frame, Image, NextPageTemplate, PageBreak,
-                                    PageTemplate, Paragraph, Spacer, Table, TableStyle)
+    from reportlab.platypus import (BaseDocTemplate, Flowable, Frame, Image, KeepTogether,
+                                    NextPageTemplate, PageBreak, PageTemplate, Paragraph, Spacer,
+                                    Table, TableStyle)
     from reportlab.platypus.tableofcontents import TableOfContents
     from xml.sax.saxutils import escape
     fonts()
     s = styles()
     width, wide = A4[0] - 2 * PAGE_MARGIN, landscape(A4)[0] - 2 * PAGE_MARGIN
-    contents = TableOfContents(dotsMinLevel=0)
-    contents.levelStyles = [s["body"]]
-    grid = [[Paragraph(escape(str(c)), s["body"]) for c in row]
-            for row in [("item", "result"), *summary]]
-    table = Table(grid, colWidths=[width * 0.36, width * 0.64])
-    table.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.4, "#bbbbbb"),
-                               ("BACKGROUND", (0, 0), (-1, 0), "#eeeeee")]))
-    story = [Paragraph(escape(cover[0]), s["title"])]
-    story += [Paragraph(escape(line), s["body"]) for line in cover[1:]]
-    story += [Paragraph("Contents", s["source"]), contents, Spacer(1, 8), table]
-    for section in sorted(parts, key=lambda p: (p.key == "a", not p.key, p.key)):
-        story += [NextPageTemplate("landscape"), PageBreak()] if section.code else []
-        story += [Paragraph(escape(section.title), s["heading"]),
-                  Paragraph(escape(section.source), s["source"])]
-        story += [Paragraph(escape(note), s["body"]) for note in section.notes]
-        story += [preformatted([f"$ {command}", *lines], s["terminal"], width - 12)
-                  for command, lines in section.screenshots]
-        if section.image:
-            image = out_dir / section.image
-            w, h = Image(str(image)).imageWidth, Image(str(image)).imageHeight
-            scale = min(width / w, A4[1] * 0.5 / h)
-            story.append(Image(str(image), width=w * scale, height=h * scale))
-        if section.code:
-            story.append(preformatted(section.code, s["code"], wide, numbered=True))
+
+    class Anchor(Flowable):
+        """Takes no room; tells the document the page a line of code is printed on. Where not
+        even that line would fit, it asks for more than there is, so it moves with the line."""
+        def __init__(self, line):
+            super().__init__()
+            self.line = line
+
+        def wrap(self, available_width, available_height):
+            need = 2 * s["code"].leading
+            return 0, (0 if available_height >= need else need)
+
+        def draw(self):
+            pass
+
+    def story(pages):
+        contents = TableOfContents(dotsMinLevel=0)
+        contents.levelStyles = [s["body"]]
+        grid = [[Paragraph(escape(str(c)), s["body"]) for c in row]
+                for row in [("item", "result"), *summary]]
+        table = Table(grid, colWidths=[width * 0.36, width * 0.64])
+        table.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.4, "#bbbbbb"),
+                                   ("BACKGROUND", (0, 0), (-1, 0), "#eeeeee")]))
+        out = [Paragraph(escape(cover[0]), s["title"])]
+        out += [Paragraph(escape(line), s["body"]) for line in cover[1:]]
+        out += [Paragraph("Contents", s["source"]), contents, Spacer(1, 8), table]
+        for section in sorted(parts, key=lambda p: (p.key == "a", not p.key, p.key)):
+            out += [NextPageTemplate("landscape"), PageBreak()] if section.code else []
+            block = [Paragraph(escape(section.title), s["heading"]),
+                     Paragraph(escape(section.source), s["source"])]
+            notes = code_map(section.code, pages or {}) if section.code else section.notes
+            block += [Paragraph(escape(note), s["body"]) for note in notes]
+            block += [preformatted([*shell(command), *lines], s["terminal"], width - 12)
+                      for command, lines in section.screenshots]
+            if section.image:
+                image = out_dir / section.image
+                w, h = Image(str(image)).imageWidth, Image(str(image)).imageHeight
+                scale = min(width / w, A4[1] * 0.5 / h)
+                block.append(Image(str(image), width=w * scale, height=h * scale))
+            out.append(block[0] if section.code else KeepTogether(block))
+            if section.code:
+                out += block[1:]
+                starts = sorted(definitions(section.code).values())
+                for begin, stop in zip([1] + starts, starts + [len(section.code) + 1]):
+                    out += [Anchor(begin), preformatted(section.code[begin - 1:stop - 1],
+                                                        s["code"], wide, numbered=begin)]
+        return out
 
     def template(name, size):
         def number_page(canvas, doc):
@@ -424,18 +530,26 @@ def write_pdf(summary, parts, cover, out_dir, path):
         return PageTemplate(name, frames=[frame], pagesize=size, onPage=number_page)
 
     class Document(BaseDocTemplate):
+        pages = {}
+
         def afterFlowable(self, flowable):  # each heading becomes a line of the contents
             if getattr(flowable, "style", None) is s["heading"]:
                 self.notify("TOCEntry", (0, flowable.getPlainText(), self.page))
+            if isinstance(flowable, Anchor):
+                self.pages[flowable.line] = self.page
 
-    def write(tmp):
-        doc = Document(tmp, pagesize=A4, title="CNNclassify report", author=cover[1],
+    def build(target, pages):
+        doc = Document(target, pagesize=A4, title="CNNclassify report", author=cover[1],
                        subject=f"CNNclassify.py sha256 {C.sha256_of(C.__file__)}",
                        creator="report/build.py", invariant=1,
                        pageTemplates=[template("portrait", A4), template("landscape",
                                                                          landscape(A4))])
-        doc.multiBuild(story)
-    C.write_atomically(path, write)
+        doc.pages = {}
+        doc.multiBuild(story(pages))
+        return doc.pages
+
+    pages = build(io.BytesIO(), None)  # where each function lands, then the real layout
+    C.write_atomically(path, lambda tmp: build(tmp, pages))
 
 
 def read_stamp(pdf):
@@ -447,19 +561,20 @@ def read_stamp(pdf):
         return {}
 
 
-def report(model_dir, records_dir, out_dir, author=None, course=None, readme=None):
+def report(model_dir, records_dir, out_dir, author, course=None, readme=None, source=None):
     """report.md and report.pdf in out_dir (and README's tables): every record read and checked
     first; a missing or stale one is a UserError naming the commands to run, and nothing is
-    written then, since a partial report is no hand-in."""
-    out_dir, main_model = Path(out_dir), Path(model_dir) / C.MAIN_MODEL
-    records = read_records(model_dir, records_dir)  # checked before any model runs
-    test = (C.classify_image(C.IMAGE_DIR / TEST_IMAGE, C.load_cnn(main_model))
-            if main_model.exists() else None)
+    written then, since a partial report is no hand-in. `source`: where the tested image comes
+    from, as the report names it."""
+    if not (author or "").strip():
+        raise C.UserError("--author is required: the student's name goes on the cover")
+    out_dir, records_dir = Path(out_dir), Path(records_dir)
+    records = read_records(model_dir, records_dir)
     try:
-        parts = sections(model_dir, records, test)
+        parts = sections(model_dir, records, source)
     except Missing as error:
         raise C.UserError(f"the report would miss items: {error}") from None
-    summary = summary_rows(records, test)
+    summary = summary_rows(records, source)
     readme_text = None
     if readme:  # README's tables, made before anything is written
         if not Path(readme).is_file():
@@ -468,20 +583,23 @@ def report(model_dir, records_dir, out_dir, author=None, course=None, readme=Non
             markdown_table([("item", "result"), *summary])))
         readme_text = replace_between_markers(readme_text, "machines", "\n".join(
             markdown_table(machine_rows(records))))
-    cover = ["CIFAR-10 CNN classifier: report", f"Student: {author or '(name not given)'}",
-             f"Course: {course or '(course not given)'}; Homework 2",
-             "Every number, output and figure below was made by CNNclassify.py and read from "
-             "the records its commands leave; each output shows the command that made it."]
+    cover = ["CIFAR-10 CNN classifier: report", f"Student: {author.strip()}",
+             f"Course: {course or '(course not given)'}; Homework 1",
+             "Every output block below is what the command above it printed, read from the "
+             "records the commands leave (model/); what `report` itself computed says so."]
     C.ensure_writable(out_dir)
-    C.draw_conv_maps(*test[1], out_dir / "CONV_rslt.png")
-    C.write_atomically(out_dir / "accuracy.png", lambda tmp: Path(tmp).write_bytes(
-        (Path(model_dir) / "accuracy.png").read_bytes()))
+    copies = {"CONV_rslt.png": records_dir / records["test"]["figure_copy"],
+              "accuracy.png": Path(model_dir) / "accuracy.png"}
+    if any(p.image == C.CONFUSION_FILE for p in parts):
+        copies[C.CONFUSION_FILE] = Path(model_dir) / C.CONFUSION_FILE
+    for name, origin in copies.items():
+        C.write_atomically(out_dir / name, lambda tmp: shutil.copyfile(origin, tmp))
     if records["accurate"]:
         draw_frontier(frontier_points(records), out_dir / "frontier.png")
     write_markdown(summary, parts, cover, out_dir / "report.md")
     write_pdf(summary, parts, cover, out_dir, out_dir / "report.pdf")
     C.write_json(out_dir / "report.json", {"code_sha256": C.sha256_of(C.__file__),
-                                           "author": author or ""})
+                                           "author": author.strip()})
     if readme:
         C.write_text(readme, readme_text)
     return [out_dir / "report.md", out_dir / "report.pdf"]
@@ -507,7 +625,7 @@ def check_hand_in(root, first, last):
     for part in (last, first):
         if not NAME_PART.fullmatch(part):
             raise C.UserError(f"'{part}': a name part must be plain letters (hyphens allowed), "
-                              "as in Potter Harry")
+                              "as in Doe Jane")
     root, again = Path(root), f"python report/build.py report --author \"{first} {last}\""
     if not (root / "model" / C.MAIN_MODEL).is_file():
         raise C.UserError(f"{root / 'model' / C.MAIN_MODEL} is missing: run `{TRAIN}`")
@@ -582,7 +700,10 @@ def main(argv=None):
     p.add_argument("--model-dir", default=str(C.MODEL_DIR), help="results.json and the model")
     p.add_argument("--records-dir", default=str(C.RECORDS_DIR), help="the commands' records")
     p.add_argument("--out-dir", default=str(C.ROOT / "report"), help="where the report goes")
-    p.add_argument("--author", help="the student's name on the cover, e.g. \"Harry Potter\"")
+    p.add_argument("--author", required=True, help="the student's name on the cover")
+    p.add_argument("--image-source", help="where the image of the `test` record comes from, as "
+                   "the report names it (e.g. \"my own photo\"); default: "
+                   + "; ".join(f"{k}: {v}" for k, v in IMAGE_SOURCES.items()))
     p.add_argument("--course", help="the course's name on the cover")
     p.add_argument("--readme", help="also rewrite the tables between the markers in this README")
     p = commands.add_parser("submit", help="write LAST_FIRST_HW2.zip to hand in, and check that "
@@ -594,7 +715,7 @@ def main(argv=None):
     try:
         if args.command == "report":
             written = report(args.model_dir, args.records_dir, args.out_dir, args.author,
-                             args.course, args.readme)
+                             args.course, args.readme, args.image_source)
             print("wrote " + " and ".join(map(str, written)))
         else:
             print("\n".join(submit(C.ROOT, args.last, args.first, args.out_dir)))

@@ -1,4 +1,5 @@
 """`test IMAGE`: what reaches the model for each kind of file, bad input, CONV_rslt.png."""
+import json
 import dataclasses
 import shutil
 
@@ -97,13 +98,20 @@ def test_conv_maps_are_the_first_layer_of_the_same_forward(shipped_model):
 
 
 def test_cli_prints_prediction_then_top3_and_saves_figure(tmp_path, shipped_model):
-    result = run_cli("test", "car.png", cwd=tmp_path)  # bare name found in test_images/
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", cwd=tmp_path)  # bare name found in test_images/
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("prediction result: ") and lines[0].split(": ")[1] in C.CLASSES
     assert len(lines) == 4 and lines[1].strip().startswith("1. " + lines[0].split(": ")[1])
     figure = cv2.imread(str(tmp_path / "CONV_rslt.png"))
     assert figure is not None and figure.shape[1] >= 1000
+    assert result.stderr == ""  # off a terminal: results on stdout, nothing else anywhere
+    record = json.loads((tmp_path / "records" / "test.json").read_text())  # what the report shows
+    assert record["output"] == lines and record["command"].startswith("python CNNclassify.py test ")
+    assert record["image"] == "test_images/car.png" and record["image_sha256"] == C.sha256_of(ROOT / "test_images" / "car.png")
+    assert record["model_sha256"] == C.sha256_of(ROOT / "model" / "cnn.pt")
+    copy = tmp_path / "records" / record["figure_copy"]
+    assert copy.read_bytes() == (tmp_path / "CONV_rslt.png").read_bytes() and record["figure_sha256"] == C.sha256_of(copy)
 
 
 def test_cli_predictions_match_batch_predictions_on_real_images(tmp_path, cifar, shipped_model, capsys):
@@ -115,7 +123,8 @@ def test_cli_predictions_match_batch_predictions_on_real_images(tmp_path, cifar,
         expected = shipped_model(C.to_float(images[picks])).argmax(1).tolist()
     predicted = []
     for i in picks:
-        assert C.main(["test", str(tmp_path / f"{i}.png"), "--out", str(tmp_path / "c.png")]) == 0
+        assert C.main(["test", str(tmp_path / f"{i}.png"), "--out", str(tmp_path / "c.png"),
+                       "--records-dir", str(tmp_path / "records")]) == 0
         predicted.append(C.CLASSES.index(capsys.readouterr().out.splitlines()[0].split(": ")[1]))
     assert predicted == expected
     assert np.mean(np.array(predicted) == labels[picks].numpy()) >= 0.75
@@ -142,7 +151,7 @@ def make_bad_inputs(folder):
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, name, problem, shipped_model):
     make_bad_inputs(tmp_path)
     (tmp_path / "CONV_rslt.png").write_bytes(b"earlier result")
-    result = run_cli("test", tmp_path / name, cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", tmp_path / name, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stdout == ""
     err = result.stderr.strip().splitlines()
@@ -153,14 +162,14 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, name, problem, ship
 
 def test_missing_model_says_train_first(tmp_path):
     shutil.copy(ROOT / "test_images" / "car.png", tmp_path)
-    result = run_cli("test", "car.png", "--model", tmp_path / "none.pt", cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", "--model", tmp_path / "none.pt", cwd=tmp_path)
     assert result.returncode == 2 and "python CNNclassify.py train" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "CONV_rslt.png").exists()
 
 
 def test_corrupt_model_file_is_one_line(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    result = run_cli("test", "car.png", "--model", tmp_path / "broken.pt", cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", "--model", tmp_path / "broken.pt", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "broken.pt" in err[0] and "not a readable PyTorch file" in err[0]
@@ -169,7 +178,7 @@ def test_corrupt_model_file_is_one_line(tmp_path):
 def test_huge_image_is_refused_before_decoding(tmp_path, shipped_model):
     from PIL import Image
     Image.new("L", (12000, 12000)).save(tmp_path / "huge.png")  # 144 megapixels, small on disk
-    result = run_cli("test", tmp_path / "huge.png", cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", tmp_path / "huge.png", cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "too large" in result.stderr
     assert not (tmp_path / "CONV_rslt.png").exists()
@@ -185,14 +194,14 @@ def test_large_photo_is_shrunk_right_after_decoding():
                                          ("/proc/self/nope/x.png", "cannot write into")])
 def test_bad_out_path_is_one_line_before_any_work(tmp_path, out, problem, shipped_model):
     (tmp_path / "folder").mkdir()
-    result = run_cli("test", "car.png", "--out", out, cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", "--out", out, cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and problem in result.stderr
 
 
 def test_out_suffix_chooses_the_file_format(tmp_path, shipped_model):
     for name, magic in [("c.jpg", b"\xff\xd8"), ("c.pdf", b"%PDF"), ("c.png", b"\x89PNG")]:
-        result = run_cli("test", "car.png", "--out", name, cwd=tmp_path)
+        result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", "--out", name, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert (tmp_path / name).read_bytes().startswith(magic)
 
@@ -212,7 +221,7 @@ def other_widths_checkpoint(path):
      "refused, since loading it would run code")])
 def test_wrong_model_file_is_one_line(tmp_path, maker, problem):
     maker(tmp_path / "other.pt")
-    result = run_cli("test", "car.png", "--model", tmp_path / "other.pt", cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", "--model", tmp_path / "other.pt", cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and problem in err[0] and "weights_only=False" not in err[0]
@@ -222,15 +231,15 @@ def test_wrong_model_file_is_one_line(tmp_path, maker, problem):
 
 def test_several_images_one_line_each_and_an_unreadable_one_is_named(tmp_path, shipped_model):
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    result = run_cli("test", "car.png", tmp_path / "broken.png", "chelsea.png", cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", tmp_path / "broken.png", "chelsea.png", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'broken.png'}: not an image OpenCV can read (unknown format, corrupt data or "
         f"over 100 megapixels)", "error: 1 of 3 images could not be read (named above)"]
     lines = result.stdout.strip().splitlines()
     assert [line.split("  ")[0] for line in lines] == ["car.png", "chelsea.png"]
-    single = run_cli("test", "chelsea.png", "--out", tmp_path / "c.png", cwd=tmp_path).stdout.splitlines()[0]
+    single = run_cli("test", "--records-dir", tmp_path / "records", "chelsea.png", "--out", tmp_path / "c.png", cwd=tmp_path).stdout.splitlines()[0]
     assert lines[1].split("  ")[1] == single.split(": ")[1]  # the same prediction as alone
     assert not (tmp_path / "CONV_rslt.png").exists()  # several images: no maps
-    result = run_cli("test", "car.png", "cat.png", "--out", tmp_path / "x.png", cwd=tmp_path)
+    result = run_cli("test", "--records-dir", tmp_path / "records", "car.png", "cat.png", "--out", tmp_path / "x.png", cwd=tmp_path)
     assert result.returncode == 2 and "give one image with it" in result.stderr

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 
 import CNNclassify as C
-from conftest import ROOT
+from conftest import CIFAR_DIR, ROOT
 
 sys.path.insert(0, str(ROOT / "report"))
 import build  # noqa: E402
@@ -35,15 +36,18 @@ def write_fixture_records(folder):
     sha = C.sha256_of(model_dir / "cnn.pt")
     history = [{"epoch": e, "train_loss": 1.0, "train_accuracy": 50.0 + e, "test_loss": 1.0,
                 "test_accuracy": 60.0 + e, "seconds": 10.0 * e, "images_per_second": 100.0} for e in (1, 2)]
-    runs = [{"seed": s, "test_accuracy": 62.0 + s, "train_seconds": 20.0, "images_per_second": 100.0,
-             "seconds_per_epoch": 10.0, "history": history} for s in (0, 1, 2)]
+    confusion = (np.eye(10, dtype=int) * 60 + 4).tolist()  # 64 of 100 right per class, 4 taken for each other
+    runs = [{"seed": s, "model": f"cnn_seed{s}.pt", "test_accuracy": 62.0 + s, "train_seconds": 20.0, "images_per_second": 100.0,
+             "seconds_per_epoch": 10.0, "history": history, **C.class_results({"confusion_matrix": confusion})}
+            for s in (0, 1, 2)]
     results = {"command": "python CNNclassify.py train", "machine": machine, "runs": runs, "mean": 63.0,
                "std": 0.816, "precision": "float32", "epochs": 2, "preset": "efficient", "views": 1,
-               "main_model_sha256": sha}
+               "main_model_sha256": sha, "main_seed": 0}
     (model_dir / "results.json").write_text(json.dumps(results))
     log = [C.epoch_line(r["seed"], h, 2) for r in runs for h in history] + C.seed_table(results)
     (model_dir / "train_log.txt").write_text("\n".join(log) + "\n")
     C.plot_accuracy(runs, model_dir / "accuracy.png")
+    C.plot_confusion(runs[0], model_dir / C.CONFUSION_FILE)
     common = {"command": "python CNNclassify.py x", "machine": machine, "model_sha256": sha,
               "weights": "w.pt", "weights_sha256": "ab" * 32}
     (records / "resnet20.json").write_text(json.dumps({**common, "accuracy": 91.5,
@@ -53,11 +57,14 @@ def write_fixture_records(folder):
     (records / "speed.json").write_text(json.dumps({**common, "output": ["speed table"], "precision": "float32",
                                                      "models": [{"name": "CNN (ours)", "mean_ms": 1.5},
                                                                 {"name": "ResNet-20", "mean_ms": 3.0}]}))
+    assert C.main(["test", "chelsea.png", "--model", str(model_dir / "cnn.pt"), "--out", str(folder / "CONV_rslt.png"),
+                   "--records-dir", str(records)]) == 0  # the test record, as the command leaves it
     return model_dir, records
 
 
 def report(model_dir, records, out, *more):
-    return run_build("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, *more)
+    author = () if "--author" in more else ("--author", "Jane Doe")
+    return run_build("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, *author, *more)
 
 
 def test_report_builds_markdown_and_pdf_from_records(tmp_path):
@@ -66,7 +73,7 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
                       "<!-- machines:start -->\nold machines\n<!-- machines:end -->\n")
-    result = report(model_dir, records, out, "--author", "Harry Potter", "--course", "Deep Learning",
+    result = report(model_dir, records, out, "--author", "Jane Doe", "--course", "Deep Learning",
                     "--readme", readme)
     assert result.returncode == 0, result.stderr
     updated = readme.read_text()
@@ -74,16 +81,24 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     assert updated.endswith("<!-- machines:end -->\n") and "<!-- results:end -->\noutro\n" in updated
     assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
     assert "old machines" not in updated and "| machine | command | s per seed (max) |" in updated
-    assert f"| test {build.TEST_IMAGE} (our own photo) | prediction result: " in updated
+    assert ("| test chelsea.png (a photograph from scikit-image's sample data, not CIFAR-10) | "
+            "prediction result: ") in updated
+    assert "| ours against ResNet-20, accuracy | 63.00 +/- 0.82 vs 91.50; seeds 0, 1, 2 at or below ResNet-20 |" in updated
     markdown = (out / "report.md").read_text()
-    assert markdown.startswith("# CIFAR-10 CNN classifier: report\n\nStudent: Harry Potter")
+    assert markdown.startswith("# CIFAR-10 CNN classifier: report\n\nStudent: Jane Doe\nCourse: Deep Learning; Homework 1")
     for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
-                 "seed 2 epoch  2/2", "$ python CNNclassify.py train", f"$ python CNNclassify.py test {build.TEST_IMAGE}",
-                 "(a) the code: main (line ", "(h) inference time: inference_speed_test (line "]:
+                 "seed 2 epoch  2/2", "$ python CNNclassify.py train", "$ python CNNclassify.py test chelsea.png",
+                 "(a) the code: main (line ", "(h) inference time: inference_speed_test (line ",
+                 "(b) training and testing output: train (line ", "(d) ResNet-20's test accuracy: resnet20 (line ",
+                 "cat            64.0%    100  airplane (4)"]:
         assert text in markdown
+    assert "Harry Potter" not in markdown and "beats" not in markdown
     assert (model_dir / "train_log.txt").read_text() in markdown  # (b) is the log as printed
+    test_record = json.loads((records / "test.json").read_text())
+    assert "\n".join(["$ " + test_record["command"], *test_record["output"]]) in markdown  # (b): the record, verbatim
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert set(images) == {"accuracy.png", "CONV_rslt.png"}
+    assert set(images) == {"accuracy.png", "CONV_rslt.png", C.CONFUSION_FILE}
+    assert (out / "CONV_rslt.png").read_bytes() == (records / test_record["figure_copy"]).read_bytes()
     assert all((out / i).is_file() for i in images)
     assert markdown.index("## (h)") < markdown.index("## (a)")  # the code comes last
     headings = re.findall(r"^## \((\w)\)", markdown, flags=re.M)
@@ -91,9 +106,9 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     assert (ROOT / "CNNclassify.py").read_text() in markdown  # (a) is the code as it is
     pdf = (out / "report.pdf").read_bytes()
     assert pdf[:5] == b"%PDF-" and build.read_stamp(out / "report.pdf") == {
-        "code_sha256": C.sha256_of(ROOT / "CNNclassify.py"), "author": "Harry Potter"}
+        "code_sha256": C.sha256_of(ROOT / "CNNclassify.py"), "author": "Jane Doe"}
     assert result.stderr == ""
-    assert report(model_dir, records, tmp_path / "again", "--author", "Harry Potter", "--course",
+    assert report(model_dir, records, tmp_path / "again", "--author", "Jane Doe", "--course",
                   "Deep Learning").returncode == 0
     assert (tmp_path / "again" / "report.pdf").read_bytes() == pdf  # same records, same bytes
 
@@ -157,9 +172,9 @@ def test_a_bug_in_a_builder_is_a_traceback_not_a_malformed_record(tmp_path, monk
     """Only reading and checking a record is turned into a one-line error; a builder's own bug
     must surface as itself."""
     model_dir, records = write_fixture_records(tmp_path)
-    monkeypatch.setattr(build, "summary_rows", lambda records, test: {}["no such key"])
+    monkeypatch.setattr(build, "summary_rows", lambda records, source: {}["no such key"])
     with pytest.raises(KeyError):
-        build.report(model_dir, records, tmp_path / "report")
+        build.report(model_dir, records, tmp_path / "report", "Jane Doe")
 
 
 def test_shipped_report_is_of_the_shipped_model_and_names_no_machine_path():
@@ -176,7 +191,7 @@ def test_shipped_report_prints_the_committed_code():
     """report.pdf embeds CNNclassify.py (item a): it must be the code as committed."""
     digest = hashlib.sha256((ROOT / "CNNclassify.py").read_bytes()).hexdigest()
     assert build.read_stamp(ROOT / "report" / "report.pdf")["code_sha256"] == digest, \
-        "report/report.pdf is stale: rerun `python report/build.py report --author \"Harry Potter\" --readme README.md`"
+        "report/report.pdf is stale: rerun `python report/build.py report --author \"First Last\" --readme README.md`"
     assert (ROOT / "CNNclassify.py").read_text() in (ROOT / "report" / "report.md").read_text()
 
 
@@ -240,13 +255,27 @@ def test_submit_builds_and_proves_the_zip(hand_in_copy, tmp_path):
     path = tmp_path / "Potter_Harry_HW2.zip"
     names = zipfile.ZipFile(path).namelist()
     assert {"CNNclassify.py", "model/cnn.pt", "model/results.json", "model/accuracy.png", "report/report.pdf",
-            "requirements.txt", "README.md"} <= set(names)
+            "requirements.txt", "README.md", "model/resnet20_cifar10_pretrained.pt", "model/records/test.json"} <= set(names)
     assert {f"test_images/{p.name}" for p in (hand_in_copy / "test_images").iterdir()} <= set(names)
     assert not [n for n in names if "subset" in n or re.search(r"data_batch|test_batch|batches\.meta|\.tar\.gz", n)]
     assert path.stat().st_size < 50_000_000
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith(f"{path}: {len(names)} files") and any(line.endswith("  model/cnn.pt") for line in lines)
     assert lines[-1].startswith("checked: unpacked into a temporary folder") and "prediction result: " in lines[-1]
+
+
+def test_the_unzipped_hand_in_reproduces_the_report(hand_in_copy, tmp_path, cifar):
+    """A TA unzips the hand-in, puts CIFAR-10 in ./data and runs the plain command: the
+    ResNet-20 accuracy the report's (d) shows, from the weights the zip carries."""
+    assert submit(hand_in_copy, "Potter", "Harry", "--out-dir", tmp_path).returncode == 0
+    unpacked = tmp_path / "unzipped"
+    zipfile.ZipFile(tmp_path / "Potter_Harry_HW2.zip").extractall(unpacked)
+    (unpacked / "data").symlink_to(CIFAR_DIR)
+    shown = json.loads((hand_in_copy / "model" / "records" / "resnet20.json").read_text())["output"]
+    done = subprocess.run([sys.executable, "CNNclassify.py", "resnet20"], cwd=unpacked, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout.splitlines() == shown[:1]
+    assert shown[0] in (hand_in_copy / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("args,problem", [(["Pott3r", "Harry"], "plain letters"), (["Potter", "Harry James"], "plain letters"),

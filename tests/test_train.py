@@ -429,8 +429,9 @@ def test_avx2_capped_train_records_float32(tmp_path):
     assert torch.load(tmp_path / "m" / "cnn.pt", weights_only=True)["precision"] == "float32"
 
 
-def test_nothing_is_written_outside_the_project(tmp_path):
-    """train, test and speed with HOME (and the cache folders under it) an empty folder: it stays empty."""
+def test_nothing_in_home_and_nothing_on_stderr(tmp_path):
+    """train, test, profile and speed with HOME (and the cache folders under it) an empty folder:
+    it stays empty; off a terminal each writes its results on stdout and nothing on stderr."""
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     home = tmp_path / "home"
     home.mkdir()
@@ -438,12 +439,14 @@ def test_nothing_is_written_outside_the_project(tmp_path):
     env["HOME"] = str(home)
     runs = [("train", "--seeds", "0", "--epochs", "1", "--subset", "64", "--data-dir", tmp_path / "data",
              "--model-dir", tmp_path / "m"),
-            ("test", ROOT / "test_images" / "cat.png", "--model", tmp_path / "m" / "cnn.pt", "--out", tmp_path / "c.png"),
+            ("test", ROOT / "test_images" / "cat.png", "--model", tmp_path / "m" / "cnn.pt", "--out", tmp_path / "c.png",
+             "--records-dir", tmp_path / "r"),
+            ("profile", "--model", tmp_path / "m" / "cnn.pt", "--weights", WEIGHTS_B, "--records-dir", tmp_path / "r"),
             ("speed", "--model", tmp_path / "m" / "cnn.pt", "--weights", WEIGHTS_B, "--iterations", "2",
              "--records-dir", tmp_path / "r")]
     for args in runs:
         result = run_cli(*args, env=env)
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0 and result.stdout and result.stderr == "", result.stderr
     assert list(home.iterdir()) == []
 
 

@@ -303,11 +303,13 @@ def sections(model_dir, records, source=None):
                   + f" (MACs {macs / shipped:.2f}x ours)"
                   for label, macs, accuracy, latency in frontier_points(records)
                   for shipped in [profile["models"][0]["macs"]]]
+        machine = records["accurate"]["machine"]
         out.append(Section("", "Beyond the assignment: accuracy against MACs", "drawn by "
                            "`report` from the records above and bench/accurate/"
-                           f"{C.RESULTS_FILE} (made by `{records['accurate']['command']}`); the "
-                           "accurate preset's MACs are counted by `report` (THOP, its widths "
-                           "and views)", image="frontier.png", notes=points))
+                           f"{C.RESULTS_FILE} (`train --preset accurate`, trained on "
+                           f"{machine.get('gpu') or machine['cpu']}); the accurate preset's MACs "
+                           "are counted by `report` (THOP, its widths and views)",
+                           image="frontier.png", notes=points))
     code = Path(C.__file__).read_text().splitlines()
     out.append(Section("a", "(a) Code: CNNclassify.py", f"the script itself, {len(code)} lines, "
                        f"sha256 {C.sha256_of(C.__file__)[:12]}", notes=code_map(code),

@@ -185,6 +185,9 @@ def test_shipped_report_is_of_the_shipped_model_and_names_no_machine_path():
     texts = [p.read_text() for p in (ROOT / "model").rglob("*") if p.suffix in (".json", ".txt")]
     texts.append((ROOT / "report" / "report.md").read_text())
     assert not [t for t in texts if re.search(r'["( ](/root|/home|/Users|/work|/tmp)/', t)]
+    commands = re.findall(r"python CNNclassify\.py [^`\n]*", texts[-1])  # as shown, and run by a TA
+    assert commands and not [c for c in commands if re.search(r"\.\./|\s/|--data-dir|--weights", c)]
+    assert "Harry Potter" not in texts[-1] and "Homework 1" in texts[-1]
 
 
 def test_shipped_report_prints_the_committed_code():

@@ -393,7 +393,7 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None, label=lambda: "
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # kept on the device:
         correct = torch.zeros((), dtype=torch.int64, device=device)     # no sync in the epoch
         batches = progress_bar(loader.epoch(epoch), len(loader),
-                               f"{label()} seed {seed} epoch {epoch + 1}/{recipe.epochs}")
+                               f"{label()} | seed {seed} epoch {epoch + 1}/{recipe.epochs}")
         for x, y in batches:
             logits = model(x)
             # label smoothing: the targets keep 20% spread over all classes, so the net is not

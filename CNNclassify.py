@@ -750,7 +750,7 @@ def ensure_cifar(data_dir, url=None, md5=None):
     if not all((folder / name).is_file() for name in names):
         from torchvision.datasets.utils import download_and_extract_archive
         try:  # torchvision prints "Downloading ..." on stdout: kept off it (results only)
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 download_and_extract_archive(url or CIFAR_URL, str(data_dir), md5=md5 or CIFAR_MD5)
         except Exception as error:  # network down, bad checksum, bad archive: all one message
             raise UserError(f"could not get CIFAR-10 ({type(error).__name__}: "

@@ -57,9 +57,8 @@ CIFAR_TEST_FILE = "test_batch"
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """The training recipe (the efficient preset), after airbench94_muon (Keller Jordan) and
-    David Page's "How to train your ResNet"; the saved model is a moving average of the
-    trained weights."""
+    """The training recipe (the efficient preset), after airbench94_muon and David Page's "How to
+    train your ResNet"; the saved model is a moving average of the trained weights."""
     batch_size: int = 256
     epochs: int = 20
     widths: tuple = (32, 144, 144)  # channels of the three conv blocks after conv1
@@ -125,9 +124,8 @@ def log(message):
 # ----------------------------------------------------------------------------- the model
 
 class CNN(nn.Module):
-    """Our classifier: RGB floats in [0, 1], N x 3 x 32 x 32 -> logits. conv1 is the assignment's
-    Conv2d(3, 32, kernel_size=5, stride=1, padding=0); three conv blocks and a linear head follow,
-    computed in `compute_dtype` (autocast). The input is normalised inside."""
+    """Our classifier: RGB in [0, 1], N x 3 x 32 x 32 -> logits; conv1 is the assignment's
+    Conv2d(3, 32, 5); three conv blocks and a linear head follow, in `compute_dtype`."""
 
     def __init__(self, widths, bn_momentum, logit_scale, compute_dtype=torch.float32,
                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
@@ -164,9 +162,8 @@ class CNN(nn.Module):
 
 
 def conv_block(cin, cout, bn_momentum):
-    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU; each block halves the size. Each conv's
-    first filters start as the identity (airbench's partial dirac init); BN learns a bias only,
-    its scale being redundant before GELU and the next BN."""
+    """conv -> pool -> BN -> GELU -> conv -> BN -> GELU, halving the size; convs start as partial
+    identities (airbench); BN learns a bias only (its scale is redundant before the next BN)."""
     convs = [nn.Conv2d(cin, cout, 3, padding=1, bias=False),
              nn.Conv2d(cout, cout, 3, padding=1, bias=False)]
     norms = [nn.BatchNorm2d(cout, momentum=bn_momentum, eps=1e-12) for _ in convs]
@@ -181,11 +178,8 @@ def conv_block(cin, cout, bn_momentum):
 
 @torch.no_grad()
 def set_whitening(model, images, eps=5e-4):
-    """Set conv1 from the data, every filter over the whole 5x5 kernel. Filters 0-11 are ZCA
-    whitening (W = U diag(1/sqrt(l + eps)) U^T of the 5x5 patches): each gives one colour of one
-    of the four centre pixels, decorrelated from its 5x5 neighbourhood, so edges and textures at
-    every frequency stand out; 12-15 are the 4 strongest principal directions (the coarse shape
-    and colour). Each output has unit variance; 16-31 are 0-15 negated (GELU follows)."""
+    """conv1 from the data, each filter over the whole 5x5 kernel: 0-11 ZCA whitening of the 4
+    centre pixels x 3 colours, 12-15 the strongest principal directions, 16-31 their negatives."""
     x = ((to_float(images) - model.mean) / model.std).double()
     k = model.conv1.kernel_size[0]
     patches = F.unfold(x, kernel_size=k).transpose(1, 2).reshape(-1, 3 * k * k)
@@ -264,10 +258,8 @@ def load_cnn(path=None, device=torch.device("cpu"), dtype=torch.float32):
 # ----------------------------------------------------------------------------- train
 
 def train(args):
-    """`train`: one model per seed in model/, trained from scratch (with --resume, seeds already
-    saved with the same settings are kept), then results.json, the plot, train_log.txt and cnn.pt
-    (the first seed's model). Preset, number format and the time estimate go into the progress
-    bar's text and results.json: stdout carries the epoch lines and the seed table only."""
+    """`train`: a model per seed from scratch (--resume keeps seeds saved with these settings),
+    results.json, the plots, train_log.txt, cnn.pt; stdout carries the epoch lines only."""
     model_dir = Path(args.model_dir or (MODEL_DIR / "subset" if args.subset else MODEL_DIR))
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
@@ -370,10 +362,8 @@ def set_seed(seed):
 
 
 def train_seed(data, seed, recipe, device, dtype, on_epoch=None, label=lambda: ""):
-    """Train one model: returns the moving average (on the CPU), the history (a row per epoch,
-    also given to on_epoch) and the seconds. Test figures are the average's, at epoch_views
-    until the last epoch, then at the recipe's views; the last row holds the confusion matrix.
-    label() is the progress bar's prefix."""
+    """One model: its moving average (CPU), the history (a row per epoch, to on_epoch too; the
+    last holds the confusion matrix) and the seconds. label(): the progress bar's prefix."""
     set_seed(seed)
     images, labels = data["train"]
     pixels = to_float(images).transpose(0, 1).reshape(3, -1)
@@ -491,9 +481,8 @@ def lr_factor(step, total_steps, warmup_fraction):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon (Keller Jordan, 2024) for conv filters: Nesterov momentum, each update orthogonalised
-    so every direction moves at the same speed; weights kept at a fixed norm, so lr sets an
-    angle. `dtype`: the format of the Newton-Schulz matmuls."""
+    """Muon (Keller Jordan, 2024) for conv filters: orthogonalised Nesterov updates at a fixed
+    weight norm, so lr sets an angle. `dtype`: the format of the Newton-Schulz matmuls."""
 
     def __init__(self, params, lr, momentum, dtype=torch.float32):
         super().__init__(params, {"lr": lr, "momentum": momentum, "own_norm": False})
@@ -545,9 +534,8 @@ def update_average(average, model, step, decay):
 
 
 class Loader:
-    """The training set on the device, augmented there a batch at a time. One CPU generator
-    draws every random number, so a seed gives the same batches on every device. Flips
-    alternate between epochs (airbench)."""
+    """The training set on the device, augmented there a batch at a time; one CPU generator
+    draws every random number (same batches on every device); flips alternate per epoch."""
 
     def __init__(self, images, labels, batch_size, shift, seed, device):
         self.images, self.labels = images.to(device), labels.to(device)
@@ -601,9 +589,8 @@ def translate(images, offsets, shift):
 
 @torch.no_grad()
 def evaluate(model, images, labels, batch_size):
-    """Mean loss, number right and the confusion matrix (rows: true class, columns: predicted)
-    of a model taking [0, 1] floats, on uint8 images on its device; the host waits for the
-    device once, at the end."""
+    """Mean loss, number right and confusion matrix (rows: true class) on uint8 images on the
+    model's device; the host waits for the device once, at the end."""
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=images.device)
     counts = torch.zeros(len(CLASSES) ** 2, dtype=torch.int64, device=images.device)
@@ -782,10 +769,8 @@ LARGEST_SIDE_KEPT = 1024        # larger images are shrunk right after decoding
 
 
 def test(args):
-    """`test IMAGE`: print the predicted class and save CONV_rslt.png, the 32 maps of conv1;
-    what it printed, the image's and the model's sha256 and a copy of the figure are recorded
-    for the report. Several images: one line each, one model load; an unreadable one is one
-    stderr line."""
+    """`test IMAGE`: the predicted class and CONV_rslt.png (conv1's 32 maps), recorded with a copy
+    of the figure for the report. Several images: one line each; a bad one is one stderr line."""
     if len(args.images) > 1 and args.out:
         raise UserError("--out names the figure of one image; give one image with it")
     out = args.out or "CONV_rslt.png"
@@ -979,11 +964,6 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 COURSE_RESNET20 = MODEL_DIR / "resnet20_cifar10_pretrained.pt"  # handed out with the assignment
 
 
-def default_weights():
-    """The course's ResNet-20 (option B, 92.05%) where it sits in model/, else the download."""
-    return str(COURSE_RESNET20) if COURSE_RESNET20.is_file() else RESNET20_URL
-
-
 def resnet20(args):
     """`resnet20`: accuracy of a pretrained ResNet-20 on the 10,000 test images."""
     device = pick_device(args.device)
@@ -1052,9 +1032,8 @@ class ResNet20(nn.Module):
 
 
 def load_resnet20(source=RESNET20_URL):
-    """ResNet-20 in eval mode, its layout told by the checkpoint's keys, loaded strictly, and
-    what names its weights: {"weights": file name, "weights_sha256", "option"}. A URL is
-    downloaded once into torch.hub's cache, its sha256 checked against the file name's prefix."""
+    """ResNet-20 in eval mode (layout from the keys, loaded strictly) and {"weights",
+    "weights_sha256", "option"}. A URL is cached by torch.hub, sha256 checked by its name."""
     path = Path(source)
     if "://" in source:
         path = Path(torch.hub.get_dir()) / "checkpoints" / source.rsplit("/", 1)[-1]
@@ -1146,11 +1125,8 @@ def cost_table(cnn, resnet):
 
 
 def inference_speed_test(args):
-    """Single-image inference time of our CNN (as shipped; also with one view where it has
-    more) and ResNet-20, on one device, after args.warmup untimed calls: the mean, median and
-    95th percentile of args.iterations timed ones. Prints the table and returns it with the
-    figures. args: device, precision, warmup, iterations, model, weights, and records_dir
-    (the `speed` command: the table is also recorded there for the report)."""
+    """`speed`: batch-1 time of our CNN and ResNet-20 after args.warmup untimed calls (mean,
+    median, p95 of args.iterations); printed, returned, recorded when args has records_dir."""
     device = pick_device(args.device)
     dtype = inference_format(device, args.precision)
     cnn = load_cnn(args.model, device, dtype)
@@ -1231,7 +1207,8 @@ def build_parser():
                                       "help": precision}))
     model = options(("--model", {"default": str(MODEL_DIR / MAIN_MODEL),
                                  "help": "our CNN's model file"}))
-    weights = options(("--weights", {"default": default_weights(), "help": "ResNet-20 checkpoint "
+    weights = options(("--weights", {"default": str(COURSE_RESNET20) if COURSE_RESNET20.is_file()
+                                     else RESNET20_URL, "help": "ResNet-20 checkpoint "
                                      "path or URL (a URL is cached by torch.hub, sha256-checked); "
                                      f"default: {shown_path(COURSE_RESNET20)} when it is there, "
                                      "else the published option-A file"}))
@@ -1332,10 +1309,8 @@ ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", 
 
 
 def training_format(device, precision):
-    """`train`'s number format, by a rule (measured in bench/README.md): bfloat16 on a CPU with
-    AMX, or an AMD CPU with AVX512_BF16, unless ONEDNN_MAX_CPU_ISA caps oneDNN below them (an
-    Intel CPU with AVX512_BF16 but no AMX is slower in bfloat16); on CUDA bfloat16 from
-    capability 8.0, float16 on 7.x; else float32. Returns the dtype and why."""
+    """`train`'s format and why (bench/README.md): bfloat16 on AMX or AMD AVX512_BF16 unless
+    ONEDNN_MAX_CPU_ISA caps it (Intel AVX512_BF16 alone is slower); CUDA 8.x bf16, 7.x fp16."""
     if precision != "auto":
         return PRECISIONS[precision], f"{precision} (--precision)"
     if device.type == "cpu":

@@ -175,7 +175,7 @@ def against(records):
     only when every seed beats it."""
     results, theirs = records["results"], records["resnet20"]["accuracy"]
     below = [str(r["seed"]) for r in results["runs"] if r["test_accuracy"] <= theirs]
-    verdict = (f"every seed above ResNet-20" if not below else
+    verdict = ("every seed above ResNet-20" if not below else
                f"seed{'s' * (len(below) > 1)} {', '.join(below)} at or below ResNet-20")
     return f"{results['mean']:.2f} +/- {results['std']:.2f} vs {theirs:.2f}; {verdict}"
 

@@ -1,11 +1,16 @@
-"""Screen variants of the efficient preset against today's CNNclassify.py: each candidate
-trained on the seeds given (one to screen, three to confirm), in one run on one machine, beside
-today's preset as the baseline (its seeds' mean time is the ratio's base). Prints accuracy (the saved moving average, one view, evaluated
-in float32), MACs and parameters (THOP), seconds per epoch and the time ratio to the baseline.
+"""Screen variants of the efficient preset on held-out training images, one row per finished
+(candidate, seed), appended to bench/screen_rows.jsonl the moment it finishes. Each candidate
+trains on the first 45,000 training images (data_batch_1..5 as read, in order) and is scored on
+the last 5,000 (the validation split); the 10,000 test images are never read. A rerun skips the
+rows already there for the same candidate definition, seed, CPU kind and precision, so a screen
+stopped anywhere goes on where it was.
 
-    python bench/screen.py --data-dir data --seeds 1 > bench/screen_<cpu>_cpu_2core.txt
-    python bench/screen.py --data-dir data --seeds 0 1 2 --candidates shipped 1x1_b3_24ep
-    python bench/screen.py --data-dir data --subset 512 --epochs 1      # a dry run, seconds
+    python bench/screen.py --data-dir data --seeds 0 1 --workers 2   # the screen (background)
+    python bench/screen.py --table                                  # its rows so far, markdown
+    python bench/screen.py --data-dir data --subset 512 --epochs 1 --rows /tmp/rows.jsonl
+
+--workers N runs N trainings side by side with cpu_count // N torch threads each (on 2 cores,
+two one-thread runs finish more rows per hour than one two-thread run: bench/README.md).
 
 A candidate is a change of the Recipe and, where the architecture changes, a function applied
 to the CNN that build_cnn returns (before conv1 is set from the data and the optimisers are
@@ -13,8 +18,13 @@ made, so Muon trains the new convs like the others).
 """
 import argparse
 import dataclasses
+import datetime
 import json
+import multiprocessing
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +33,9 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import CNNclassify as C  # noqa: E402
+
+ROWS = Path(__file__).resolve().parent / "screen_rows.jsonl"
+VALIDATION = 5000  # the last 5,000 training images: held out from every candidate's training
 
 
 def pointwise_last_conv(model, block=2):
@@ -55,19 +68,53 @@ def residual_blocks(model, blocks=(1, 2)):
     return model
 
 
+def extra_conv(model, block=0):
+    """One more dirac-initialised 3x3 conv -> BN -> GELU at the end of `block` (depth through an
+    identity path, as hlb-CIFAR10 and airbench add it): at 14x14 and 32 channels, +1.8 M MACs."""
+    width = model.blocks[block][4].out_channels
+    conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight)
+    norm = nn.BatchNorm2d(width, momentum=model.settings["bn_momentum"], eps=1e-12)
+    norm.weight.requires_grad_(False)
+    model.blocks[block] = nn.Sequential(*model.blocks[block], conv, norm, nn.GELU())
+    return model.to(memory_format=torch.channels_last)
+
+
+def extra_b1_pointwise_b3(model):
+    return pointwise_last_conv(extra_conv(model))
+
+
 CANDIDATES = {  # name: (changes of the Recipe, change of the model or None)
     "shipped": ({}, None),
-    "26ep": ({"epochs": 26}, None),
-    "1x1_b3": ({}, pointwise_last_conv),
     "1x1_b3_24ep": ({"epochs": 24}, pointwise_last_conv),
     "residual_b23": ({}, residual_blocks),
-    "ema_0.99": ({"average_decay": 0.99}, None),
     "smoothing_0.1": ({"label_smoothing": 0.1}, None),
+    "ema_0.99": ({"average_decay": 0.99}, None),
     "zca_eps_1e-3": ({"whitening_eps": 1e-3}, None),
+    "extra_b1_1x1_b3_22ep": ({"epochs": 22}, extra_b1_pointwise_b3),
+    "26ep": ({"epochs": 26}, None),
+    "1x1_b3": ({}, pointwise_last_conv),
     "w32_128_96_1x1_b3_24ep": ({"widths": (32, 128, 96), "epochs": 24}, pointwise_last_conv),
     # under ResNet-20's 272,474 parameters (225,472; 24.6 M MACs), more epochs for the width
     "w32_96_96_1x1_b3_26ep": ({"widths": (32, 96, 96), "epochs": 26}, pointwise_last_conv),
 }
+
+
+def definition(name):
+    """What a candidate is, as a row keeps it: a changed definition is a new row."""
+    changes, change_model = CANDIDATES[name]
+    return json.dumps({"changes": changes, "model": getattr(change_model, "__name__", None)},
+                      sort_keys=True)
+
+
+def split(data, subset=0):
+    """{"train": the first 45,000 training images, "test": the last 5,000} (subset: the first N
+    of each part, for a dry run)."""
+    images, labels = data["train"]
+    held = len(images) - VALIDATION if len(images) > VALIDATION else len(images) // 10
+    return C.take_subset({"train": (images[:held], labels[:held]),
+                          "test": (images[held:], labels[held:])}, subset)
 
 
 def train_candidate(data, name, seed, device, dtype, epochs=None):
@@ -85,45 +132,136 @@ def train_candidate(data, name, seed, device, dtype, epochs=None):
     return model, history
 
 
+def cpu_kind():
+    return f"family {C.cpuinfo_field('cpu family')} model {C.cpuinfo_field('model')}"
+
+
+def commit():
+    """The commit the screen runs, '+' when the script or the trainer differ from it."""
+    run = lambda *a: subprocess.run(["git", *a], cwd=C.ROOT, capture_output=True, text=True)
+    head = run("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    dirty = run("status", "--porcelain", "CNNclassify.py", "bench/screen.py").stdout.strip()
+    return head + ("+" if dirty else "")
+
+
+WORKER = {}  # in each worker process: the data, the device, the number format
+
+
+def start_worker(data_dir, subset, threads):
+    torch.set_num_threads(threads)
+    WORKER["device"] = torch.device("cpu")
+    WORKER["dtype"] = C.training_format(WORKER["device"], "auto")[0]
+    WORKER["data"] = split(C.load_cifar(data_dir, parts=("train",)), subset)
+    WORKER["subset"] = subset
+
+
+def run_job(job):
+    """One (candidate, seed): trained, scored on the validation images in float32 at one view,
+    costed by THOP; the row."""
+    name, seed, epochs, workers = job
+    data, device, dtype = WORKER["data"], WORKER["device"], WORKER["dtype"]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model, history = train_candidate(data, name, seed, device, dtype, epochs)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    model = C.ViewAverage(model.float(), 1)
+    model.cnn.compute_dtype = torch.float32
+    right = C.evaluate(model, *data["test"], C.eval_batch(device))[1]
+    macs, params = C.count_costs(model.cnn)
+    machine = C.machine_description(device, dtype)
+    return {"candidate": name, "definition": definition(name), "seed": seed,
+            "epochs": len(history), "subset": WORKER["subset"], "val_accuracy": 100 * right / len(data["test"][1]),
+            "val_right": right, "val_images": len(data["test"][1]),
+            "train_images": len(data["train"][1]), "macs": macs, "params": params,
+            "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+            "cpu": machine["cpu"], "cpu_kind": cpu_kind(), "precision": C.precision_name(dtype),
+            "threads": torch.get_num_threads(), "side_by_side": workers,
+            "torch": torch.__version__, "commit": commit(),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "val_curve": [round(row["test_accuracy"], 2) for row in history]}
+
+
+def key(row):
+    """What makes two rows the same run: a rerun skips a job whose key is in the file."""
+    return (row["candidate"], row["definition"], row["seed"], row["epochs"], row["subset"],
+            row["cpu_kind"], row["precision"])
+
+
+def epochs_of(name, override=None):
+    return override or CANDIDATES[name][0].get("epochs", C.PRESETS["efficient"].epochs)
+
+
+def read_rows(path):
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.is_file() else []
+
+
+def append_row(path, row):
+    """One line, written and flushed at once: a stop loses at most the row in progress."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def table(rows):
+    """The rows as markdown, grouped by CPU kind and precision; the time ratio is to the mean
+    seconds of that group's `shipped` rows run the same way (threads, side by side)."""
+    lines = ["| candidate | seed | CPU, precision, threads x side by side | epochs | val acc "
+             "(5,000) | MACs | params | s | time ratio | commit |", "|" + " --- |" * 10]
+    for row in sorted(rows, key=lambda r: (r["cpu_kind"], r["precision"], r["candidate"] !=
+                                           "shipped", r["candidate"], r["seed"])):
+        base = [r["seconds"] for r in rows if r["candidate"] == "shipped" and all(
+            r[k] == row[k] for k in ("cpu_kind", "precision", "threads", "side_by_side"))]
+        ratio = f"{row['seconds'] / np.mean(base):.2f}x" if base else "-"
+        lines.append(f"| {row['candidate']} | {row['seed']} | {row['cpu_kind']}, "
+                     f"{row['precision']}, {row['threads']} x {row['side_by_side']} | "
+                     f"{row['epochs']} | {row['val_accuracy']:.2f}% | {row['macs']:,} | "
+                     f"{row['params']:,} | {row['seconds']:.0f} | {ratio} | {row['commit']} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
+    parser.add_argument("--workers", type=int, default=1, help="trainings side by side")
+    parser.add_argument("--rows", default=str(ROWS), help="the rows file (appended to)")
     parser.add_argument("--subset", type=int, default=0, help="first N images (a dry run)")
     parser.add_argument("--epochs", type=int, help="override every candidate's epochs (dry run)")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--table", action="store_true", help="print the rows as markdown, run "
+                        "nothing")
     args = parser.parse_args()
-    device = C.pick_device()
+    if args.table:
+        print("\n".join(table(read_rows(args.rows))))
+        return
+    device = torch.device("cpu")
     dtype = C.training_format(device, "auto")[0]
-    data = C.take_subset(C.load_cifar(args.data_dir), args.subset)
-    machine = C.machine_description(device, dtype)
-    print(f"machine: {machine.get('gpu') or machine['cpu']}, {machine['torch_threads']} threads, "
-          f"torch {machine['torch']}, training in {C.precision_name(dtype)}; seeds "
-          f"{' '.join(map(str, args.seeds))}; accuracy: the saved average, one view, float32",
-          flush=True)
+    done = {key(r) for r in read_rows(args.rows)}
     names = ["shipped"] + [n for n in args.candidates if n != "shipped"]  # the baseline first
-    print(f"{'candidate':<24s} {'seed':>4s} {'test acc':>8s} {'MACs':>11s} {'params':>8s} "
-          f"{'s/epoch':>7s} {'time ratio':>10s}", flush=True)
-    rows = []
-    for name in names:
-        for seed in args.seeds:
-            model, history = train_candidate(data, name, seed, device, dtype, args.epochs)
-            model = C.ViewAverage(model.float(), 1)
-            model.cnn.compute_dtype = torch.float32
-            right = C.evaluate(model, *data["test"], C.eval_batch(torch.device("cpu")))[1]
-            macs, params = C.count_costs(model.cnn)
-            seconds = history[-1]["seconds"]  # the whole seed: training and evaluations
-            base = [r["seconds"] for r in rows if r["candidate"] == "shipped"] or [seconds]
-            rows.append({"candidate": name, "seed": seed, "epochs": len(history), "macs": macs,
-                         "params": params, "test_accuracy": 100 * right / len(data["test"][1]),
-                         "seconds": seconds, "s_per_epoch": seconds / len(history),
-                         "time_ratio": seconds / np.mean(base)})
-            print(f"{name:<24s} {seed:4d} {rows[-1]['test_accuracy']:7.2f}% {macs:11,d} "
-                  f"{params:8,d} {seconds / len(history):7.1f} {rows[-1]['time_ratio']:9.2f}x",
-                  flush=True)
-    if args.json:
-        C.write_json(args.json, {"machine": machine, "seeds": args.seeds, "rows": rows})
+    order = [("shipped", seed) for seed in args.seeds]  # the baseline's seeds first
+    order += [(name, seed) for seed in args.seeds for name in names[1:]]
+    jobs = [(name, seed, args.epochs, args.workers) for name, seed in order
+            if (name, definition(name), seed, epochs_of(name, args.epochs), args.subset,
+                cpu_kind(), C.precision_name(dtype)) not in done]
+    print(f"{len(jobs)} rows to train ({len(names) * len(args.seeds) - len(jobs)} already in "
+          f"{args.rows}), {args.workers} side by side", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    start = time.perf_counter()
+    if args.workers == 1:
+        start_worker(args.data_dir, args.subset, threads)
+        finished = map(run_job, jobs)
+    else:  # each worker loads the data once; rows come back as they finish
+        pool = multiprocessing.get_context("spawn").Pool(
+            args.workers, start_worker, (args.data_dir, args.subset, threads))
+        finished = pool.imap_unordered(run_job, jobs)
+    for row in finished:
+        append_row(args.rows, row)
+        print(f"{row['candidate']:<24s} seed {row['seed']}  val {row['val_accuracy']:.2f}%  "
+              f"{row['macs']:,} MACs  {row['params']:,} params  {row['seconds']:.0f} s",
+              flush=True)
+    print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

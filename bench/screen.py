@@ -112,7 +112,7 @@ def split(data, subset=0):
     """{"train": the first 45,000 training images, "test": the last 5,000} (subset: the first N
     of each part, for a dry run)."""
     images, labels = data["train"]
-    held = len(images) - VALIDATION if len(images) > VALIDATION else len(images) // 10
+    held = len(images) - (VALIDATION if len(images) > 2 * VALIDATION else len(images) // 10)
     return C.take_subset({"train": (images[:held], labels[:held]),
                           "test": (images[held:], labels[held:])}, subset)
 
@@ -153,6 +153,7 @@ def start_worker(data_dir, subset, threads):
     WORKER["dtype"] = C.training_format(WORKER["device"], "auto")[0]
     WORKER["data"] = split(C.load_cifar(data_dir, parts=("train",)), subset)
     WORKER["subset"] = subset
+    WORKER["commit"] = commit()  # the code this worker imported, not what HEAD becomes later
 
 
 def run_job(job):
@@ -169,14 +170,16 @@ def run_job(job):
     macs, params = C.count_costs(model.cnn)
     machine = C.machine_description(device, dtype)
     return {"candidate": name, "definition": definition(name), "seed": seed,
-            "epochs": len(history), "subset": WORKER["subset"], "val_accuracy": 100 * right / len(data["test"][1]),
+            "epochs": len(history), "subset": WORKER["subset"],
+            "val_accuracy": 100 * right / len(data["test"][1]),
             "val_right": right, "val_images": len(data["test"][1]),
             "train_images": len(data["train"][1]), "macs": macs, "params": params,
             "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
             "cpu": machine["cpu"], "cpu_kind": cpu_kind(), "precision": C.precision_name(dtype),
             "threads": torch.get_num_threads(), "side_by_side": workers,
-            "torch": torch.__version__, "commit": commit(),
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "commit": WORKER["commit"],
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
             "val_curve": [round(row["test_accuracy"], 2) for row in history]}
 
 

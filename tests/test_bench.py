@@ -1,11 +1,14 @@
 """The bench scripts run against today's CNNclassify.py: every name they take from it exists."""
 import ast
+import importlib.util
+import json
 import re
+import sys
 
 import pytest
 
 import CNNclassify as C
-from conftest import ROOT
+from conftest import ROOT, make_fake_cifar
 
 SCRIPTS = sorted((ROOT / "bench").glob("*.py"))
 
@@ -31,3 +34,32 @@ def test_bench_shell_scripts_use_only_options_the_script_has():
             assert command in commands, f"{script.name}: no command {command}"
             options = {o for a in commands[command]._actions for o in a.option_strings}
             assert set(re.findall(r"(--[a-z-]+)", rest)) <= options, f"{script.name}: {command}{rest}"
+
+
+def test_screen_appends_a_row_per_run_and_a_rerun_skips_the_finished_ones(tmp_path, monkeypatch, capsys):
+    """bench/screen.py survives any stop: each finished (candidate, seed) is a row at once, and a
+    rerun trains only the rows not yet in the file; validation images are held out of training."""
+    spec = importlib.util.spec_from_file_location("screen", ROOT / "bench" / "screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
+    trained = []
+    real = screen.train_candidate
+    monkeypatch.setattr(screen, "train_candidate", lambda data, name, seed, *a: trained.append((name, seed)) or
+                        real(data, name, seed, *a))
+    rows = tmp_path / "rows.jsonl"
+
+    def run(*seeds):
+        argv = ["screen.py", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--rows", str(rows),
+                "--candidates", "shipped", "1x1_b3_24ep", "--seeds", *map(str, seeds)]
+        monkeypatch.setattr(sys, "argv", argv)
+        screen.main()
+        return [json.loads(line) for line in rows.read_text().splitlines()]
+
+    first = run(0)
+    assert trained == [("shipped", 0), ("1x1_b3_24ep", 0)] and len(first) == 2
+    assert first[0]["train_images"] + first[0]["val_images"] == 320 and first[1]["params"] < first[0]["params"]
+    assert run(0) == first and len(trained) == 2  # nothing trained again
+    assert [(r["candidate"], r["seed"]) for r in run(0, 1)[2:]] == [("shipped", 1), ("1x1_b3_24ep", 1)]
+    assert trained[2:] == [("shipped", 1), ("1x1_b3_24ep", 1)]
+    assert "| shipped | 0 |" in "\n".join(screen.table(first))

@@ -1,7 +1,10 @@
 """`report` (report/build.py) and `submit`: the hand-in a grader gets."""
+import contextlib
 import hashlib
+import io
 import json
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import CIFAR_DIR, ROOT
+from conftest import CIFAR_DIR, ROOT, make_fake_cifar
 
 sys.path.insert(0, str(ROOT / "report"))
 import build  # noqa: E402
@@ -25,41 +28,50 @@ def run_build(*args, cwd=ROOT):
                           text=True, timeout=600)
 
 
-def write_fixture_records(folder):
-    """Small but complete records in the formats the commands write, of one small model."""
-    machine = C.machine_description(torch.device("cpu"), torch.float32)
-    model_dir, records = folder / "model", folder / "model" / "records"
-    records.mkdir(parents=True)
-    model = C.build_cnn()
-    C.set_whitening(model, torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8))
-    C.save_checkpoint(model_dir / "cnn.pt", model, {})
-    sha = C.sha256_of(model_dir / "cnn.pt")
-    history = [{"epoch": e, "train_loss": 1.0, "train_accuracy": 50.0 + e, "test_loss": 1.0,
-                "test_accuracy": 60.0 + e, "seconds": 10.0 * e, "images_per_second": 100.0} for e in (1, 2)]
-    confusion = (np.eye(10, dtype=int) * 60 + 4).tolist()  # 64 of 100 right per class, 4 taken for each other
-    runs = [{"seed": s, "model": f"cnn_seed{s}.pt", "test_accuracy": 62.0 + s, "train_seconds": 20.0, "images_per_second": 100.0,
-             "seconds_per_epoch": 10.0, "history": history, **C.class_results({"confusion_matrix": confusion})}
-            for s in (0, 1, 2)]
-    results = {"command": "python CNNclassify.py train", "machine": machine, "runs": runs, "mean": 63.0,
-               "std": 0.816, "precision": "float32", "epochs": 2, "preset": "efficient", "views": 1,
-               "main_model_sha256": sha, "main_seed": 0}
-    (model_dir / "results.json").write_text(json.dumps(results))
-    log = [C.epoch_line(r["seed"], h, 2) for r in runs for h in history] + C.seed_table(results)
-    (model_dir / "train_log.txt").write_text("\n".join(log) + "\n")
-    C.plot_accuracy(runs, model_dir / "accuracy.png")
-    C.plot_confusion(runs[0], model_dir / C.CONFUSION_FILE)
-    common = {"command": "python CNNclassify.py x", "machine": machine, "model_sha256": sha,
-              "weights": "w.pt", "weights_sha256": "ab" * 32}
-    (records / "resnet20.json").write_text(json.dumps({**common, "accuracy": 91.5,
-                                                      "output": ["ResNet-20 test accuracy: 91.50%"]}))
-    (records / "profile.json").write_text(json.dumps({**common, "output": ["table"], "models": [
-        {"name": "CNN (ours), one view", "macs": 5, "params": 6}, {"name": "ResNet-20", "macs": 7, "params": 8}]}))
-    (records / "speed.json").write_text(json.dumps({**common, "output": ["speed table"], "precision": "float32",
-                                                     "models": [{"name": "CNN (ours)", "mean_ms": 1.5},
-                                                                {"name": "ResNet-20", "mean_ms": 3.0}]}))
-    assert C.main(["test", "chelsea.png", "--model", str(model_dir / "cnn.pt"), "--out", str(folder / "CONV_rslt.png"),
-                   "--records-dir", str(records)]) == 0  # the test record, as the command leaves it
-    return model_dir, records
+def make_records(folder):
+    """The records the report is built from, made by the real commands on small synthetic data,
+    in the formats they write today: train (seeds 0 1 2, one step each on 64 fake images),
+    resnet20 (the course's weights, on those images), profile, speed (2 timed calls) and
+    `test chelsea.png --record`. Returns the folders and what each command printed."""
+    make_fake_cifar(folder / "data" / C.CIFAR_FOLDER)
+    data, model_dir, records = folder / "data", folder / "model", folder / "model" / "records"
+    model = ("--model", model_dir / "cnn.pt")
+    commands = {"train": ("train", "--epochs", "1", "--subset", "64", "--data-dir", data, "--model-dir", model_dir,
+                          "--device", "cpu"),
+                "resnet20": ("resnet20", "--data-dir", data, "--records-dir", records, "--device", "cpu"),
+                "profile": ("profile", *model, "--records-dir", records),
+                "speed": ("speed", *model, "--iterations", "2", "--warmup", "1", "--records-dir", records,
+                          "--device", "cpu"),
+                "test": ("test", "chelsea.png", *model, "--out", folder / "CONV_rslt.png", "--records-dir", records,
+                         "--record", "--device", "cpu")}
+    printed = {}
+    for name, args in commands.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert C.main([str(a) for a in args]) == 0, name
+        printed[name] = out.getvalue()
+    return model_dir, records, printed
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """make_records once, and a report built from them (shared: tests copy what they change)."""
+    folder = tmp_path_factory.mktemp("made")
+    model_dir, records, printed = make_records(folder)
+    readme = folder / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
+                      "<!-- machines:start -->\nold machines\n<!-- machines:end -->\n")
+    result = report(model_dir, records, folder / "report", "--author", "Jane Doe", "--course", "Deep Learning",
+                    "--readme", readme)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return folder, printed
+
+
+def copy_made(made, tmp_path):
+    """A copy of the made folder to change: (model dir, records dir)."""
+    shutil.copytree(made[0], tmp_path / "made", symlinks=True)
+    return tmp_path / "made" / "model", tmp_path / "made" / "model" / "records"
 
 
 def report(model_dir, records, out, *more):
@@ -67,37 +79,32 @@ def report(model_dir, records, out, *more):
     return run_build("report", "--model-dir", model_dir, "--records-dir", records, "--out-dir", out, *author, *more)
 
 
-def test_report_builds_markdown_and_pdf_from_records(tmp_path):
-    model_dir, records = write_fixture_records(tmp_path)
-    out = tmp_path / "report"
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold table\n<!-- results:end -->\noutro\n"
-                      "<!-- machines:start -->\nold machines\n<!-- machines:end -->\n")
-    result = report(model_dir, records, out, "--author", "Jane Doe", "--course", "Deep Learning",
-                    "--readme", readme)
-    assert result.returncode == 0, result.stderr
-    updated = readme.read_text()
+def test_report_builds_markdown_and_pdf_from_records(made, tmp_path):
+    folder, printed = made
+    model_dir, records, out = folder / "model", folder / "model" / "records", folder / "report"
+    updated = (folder / "README.md").read_text()
     assert updated.startswith("intro\n<!-- results:start -->\n| item | result |")
     assert updated.endswith("<!-- machines:end -->\n") and "<!-- results:end -->\noutro\n" in updated
-    assert "old table" not in updated and "| ResNet-20 (w.pt) | 91.50% |" in updated
-    assert "old machines" not in updated and "| machine | command | s per seed (max) |" in updated
+    resnet = json.loads((records / "resnet20.json").read_text())
+    results = json.loads((model_dir / "results.json").read_text())
+    assert "old table" not in updated and f"| ResNet-20 (resnet20_cifar10_pretrained.pt) | {resnet['accuracy']:.2f}% |" in updated
+    assert "old machines" not in updated and "| machine | command | train + evaluation s per seed (max) |" in updated
+    assert f"{results['mean']:.2f}% +/- {results['std']:.2f} (n = 3)" in updated
     assert ("| test chelsea.png (a photograph from scikit-image's sample data, not CIFAR-10) | "
             "prediction result: ") in updated
-    assert "| ours against ResNet-20, accuracy | 63.00 +/- 0.82 vs 91.50; seeds 0, 1, 2 at or below ResNet-20 |" in updated
+    assert f"| ours against ResNet-20, accuracy | {build.against(build.read_records(model_dir, records))} |" in updated
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# CIFAR-10 CNN classifier: report\n\nStudent: Jane Doe\nCourse: Deep Learning; Homework 1")
-    for text in ["63.00% +/- 0.82", "ResNet-20 test accuracy: 91.50%", "speed table", "prediction result: ",
-                 "seed 2 epoch  2/2", "$ python CNNclassify.py train", "$ python CNNclassify.py test chelsea.png",
-                 "(a) the code: main (line ", "(h) inference time: inference_speed_test (line ",
-                 "(b) training and testing output: train (line ", "(d) ResNet-20's test accuracy: resnet20 (line ",
-                 "cat            64.0%    100  airplane (4)"]:
+    for text in ["seed 2 epoch  1/1", "$ python CNNclassify.py train", "(a) the code: main (line ",
+                 "(h) inference time: inference_speed_test (line ", "(b) training and testing output: train (line ",
+                 "(d) ResNet-20's test accuracy: resnet20 (line ", "in its faster memory layout",
+                 "ResNet-20 weights resnet20_cifar10_pretrained.pt (option B shortcuts, sha256 3eab1424e588)",
+                 *build.class_table(results["runs"][0]), build.conv1_words(model_dir)]:
         assert text in markdown
     assert "Harry Potter" not in markdown and "beats" not in markdown
-    assert (model_dir / "train_log.txt").read_text() in markdown  # (b) is the log as printed
-    test_record = json.loads((records / "test.json").read_text())
-    assert "\n".join(["$ " + test_record["command"], *test_record["output"]]) in markdown  # (b): the record, verbatim
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert set(images) == {"accuracy.png", "CONV_rslt.png", C.CONFUSION_FILE}
+    test_record = json.loads((records / "test.json").read_text())
     assert (out / "CONV_rslt.png").read_bytes() == (records / test_record["figure_copy"]).read_bytes()
     assert all((out / i).is_file() for i in images)
     assert markdown.index("## (h)") < markdown.index("## (a)")  # the code comes last
@@ -107,14 +114,31 @@ def test_report_builds_markdown_and_pdf_from_records(tmp_path):
     pdf = (out / "report.pdf").read_bytes()
     assert pdf[:5] == b"%PDF-" and build.read_stamp(out / "report.pdf") == {
         "code_sha256": C.sha256_of(ROOT / "CNNclassify.py"), "author": "Jane Doe"}
-    assert result.stderr == ""
     assert report(model_dir, records, tmp_path / "again", "--author", "Jane Doe", "--course",
                   "Deep Learning").returncode == 0
     assert (tmp_path / "again" / "report.pdf").read_bytes() == pdf  # same records, same bytes
 
 
-def test_a_report_with_an_item_missing_is_refused_and_names_the_commands(tmp_path):
-    model_dir, records = write_fixture_records(tmp_path)
+def blocks(markdown):
+    """The terminal blocks of report.md: [(command, the lines under it)]."""
+    found = re.findall(r"^```\n\$ (.*?)\n(.*?)^```$", markdown, flags=re.M | re.S)
+    return [(command, body.splitlines()) for command, body in found]
+
+
+def test_every_block_is_what_its_command_printed(made):
+    """Each block of the report is, byte for byte, the stdout of the command above it ((b) the
+    whole of `train`'s, (g) its closing table)."""
+    folder, printed = made
+    shown = blocks((folder / "report" / "report.md").read_text())
+    assert sorted(command.split()[2] for command, _ in shown) == sorted([*printed, "train"])
+    for command, lines in shown:
+        stdout = printed[command.split()[2]].splitlines()
+        assert lines == stdout or (command.split()[2] == "train" and lines == stdout[-5:]), command
+    assert (folder / "model" / "train_log.txt").read_text() == printed["train"]
+
+
+def test_a_report_with_an_item_missing_is_refused_and_names_the_commands(made, tmp_path):
+    model_dir, records = copy_made(made, tmp_path)
     (records / "speed.json").unlink()
     result = report(model_dir, records, tmp_path / "report")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -126,9 +150,9 @@ def test_a_report_with_an_item_missing_is_refused_and_names_the_commands(tmp_pat
     assert not (tmp_path / "report").exists()
 
 
-def test_records_of_another_model_or_other_weights_are_refused(tmp_path):
+def test_records_of_another_model_or_other_weights_are_refused(made, tmp_path):
     """A student who retrains and forgets a command: the report names the command to rerun."""
-    model_dir, records = write_fixture_records(tmp_path)
+    model_dir, records = copy_made(made, tmp_path)
     original = (model_dir / "cnn.pt").read_bytes()
     other = C.build_cnn()
     C.save_checkpoint(model_dir / "cnn.pt", other, {"seed": 1})
@@ -144,12 +168,11 @@ def test_records_of_another_model_or_other_weights_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["{not json", '{"runs": "three", "machine": {}}', "[1, 2]"])
-def test_bad_results_file_is_one_line_and_changes_nothing(tmp_path, damage):
-    model_dir, records = write_fixture_records(tmp_path)
-    out = tmp_path / "report"
+def test_bad_results_file_is_one_line_and_changes_nothing(made, tmp_path, damage):
+    model_dir, records = copy_made(made, tmp_path)
+    out = tmp_path / "made" / "report"  # the report built from the good records
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n<!-- machines:start -->\n<!-- machines:end -->\n")
-    assert report(model_dir, records, out).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (model_dir / "results.json").write_text(damage)
     result = report(model_dir, records, out, "--readme", readme)
@@ -159,8 +182,8 @@ def test_bad_results_file_is_one_line_and_changes_nothing(tmp_path, damage):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_readme_without_markers_is_refused_before_anything_is_written(tmp_path):
-    model_dir, records = write_fixture_records(tmp_path)
+def test_readme_without_markers_is_refused_before_anything_is_written(made, tmp_path):
+    model_dir, records = made[0] / "model", made[0] / "model" / "records"
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\nkept\n<!-- results:end -->\n")  # no machine table markers
     result = report(model_dir, records, tmp_path / "report", "--readme", readme)
@@ -168,10 +191,10 @@ def test_readme_without_markers_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "report").exists() and "kept" in readme.read_text()
 
 
-def test_a_bug_in_a_builder_is_a_traceback_not_a_malformed_record(tmp_path, monkeypatch):
+def test_a_bug_in_a_builder_is_a_traceback_not_a_malformed_record(made, tmp_path, monkeypatch):
     """Only reading and checking a record is turned into a one-line error; a builder's own bug
     must surface as itself."""
-    model_dir, records = write_fixture_records(tmp_path)
+    model_dir, records = made[0] / "model", made[0] / "model" / "records"
     monkeypatch.setattr(build, "summary_rows", lambda records, source: {}["no such key"])
     with pytest.raises(KeyError):
         build.report(model_dir, records, tmp_path / "report", "Jane Doe")
@@ -185,6 +208,9 @@ def test_shipped_report_is_of_the_shipped_model_and_names_no_machine_path():
     texts = [p.read_text() for p in (ROOT / "model").rglob("*") if p.suffix in (".json", ".txt")]
     texts.append((ROOT / "report" / "report.md").read_text())
     assert not [t for t in texts if re.search(r'["( ](/root|/home|/Users|/work|/tmp)/', t)]
+    results = records["results"]
+    for run in results["runs"]:  # (b) is the whole run: every epoch of every seed
+        assert all(C.epoch_line(run["seed"], row, results["epochs"]) in texts[-1] for row in run["history"])
     commands = re.findall(r"python CNNclassify\.py [^`\n]*", texts[-1])  # as shown, and run by a TA
     assert commands and not [c for c in commands if re.search(r"\.\./|\s/|--data-dir|--weights", c)]
     assert "Harry Potter" not in texts[-1] and "Homework 1" in texts[-1]
@@ -267,18 +293,38 @@ def test_submit_builds_and_proves_the_zip(hand_in_copy, tmp_path):
     assert lines[-1].startswith("checked: unpacked into a temporary folder") and "prediction result: " in lines[-1]
 
 
-def test_the_unzipped_hand_in_reproduces_the_report(hand_in_copy, tmp_path, cifar):
-    """A TA unzips the hand-in, puts CIFAR-10 in ./data and runs the plain command: the
-    ResNet-20 accuracy the report's (d) shows, from the weights the zip carries."""
-    assert submit(hand_in_copy, "Potter", "Harry", "--out-dir", tmp_path).returncode == 0
-    unpacked = tmp_path / "unzipped"
-    zipfile.ZipFile(tmp_path / "Potter_Harry_HW2.zip").extractall(unpacked)
-    (unpacked / "data").symlink_to(CIFAR_DIR)
-    shown = json.loads((hand_in_copy / "model" / "records" / "resnet20.json").read_text())["output"]
-    done = subprocess.run([sys.executable, "CNNclassify.py", "resnet20"], cwd=unpacked, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0 and done.stderr == "" and done.stdout.splitlines() == shown[:1]
-    assert shown[0] in (hand_in_copy / "report" / "report.md").read_text()
+def readme_commands():
+    """The commands README shows: its indented code lines that start with `python `."""
+    return [line.strip() for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("    python ")]
+
+
+def test_readme_commands_run_as_written_and_print_the_reports_blocks(hand_in_copy, tmp_path, cifar):
+    """A student's copy of the project with CIFAR-10 in ./data: every command README shows runs
+    as written (`train`, an hour per seed, is parsed only), and those whose output the shipped
+    report shows print its block again: (b)'s test, (d), (f) to the byte, (h) in its shape."""
+    project = tmp_path / "project"
+    shutil.copytree(hand_in_copy, project, symlinks=True)
+    (project / "data").symlink_to(CIFAR_DIR)
+    commands = readme_commands()
+    assert {c.split()[1] for c in commands} == {"CNNclassify.py", "report/build.py"} and len(commands) >= 7
+    shown = dict(blocks((ROOT / "report" / "report.md").read_text()))
+    for command in commands:
+        argv = shlex.split(command, comments=True)
+        if argv[1:3] == ["CNNclassify.py", "train"]:
+            assert C.build_parser().parse_args(argv[2:]).seeds == [0, 1, 2]
+            continue
+        done = subprocess.run([sys.executable, *argv[1:]], cwd=project, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and done.stderr == "", (command, done.stderr)
+        name = argv[2] if argv[1] == "CNNclassify.py" else None
+        if name in ("resnet20", "profile"):
+            assert done.stdout.splitlines() == shown[f"python CNNclassify.py {name}"], command
+        if name == "test":
+            record = json.loads((ROOT / "model" / "records" / "test.json").read_text())
+            assert done.stdout.splitlines() == shown[record["command"]][:1]
+        if name == "speed":  # times, and so the faster layout, differ from run to run
+            shape = lambda lines: [" ".join(re.sub(r"\d+\.\d+|channels_last|NCHW", "#", line).split()) for line in lines]
+            assert shape(done.stdout.splitlines()) == shape(shown["python CNNclassify.py speed"])
+    assert (project / "Last_First_HW2.zip").is_file()  # submit ran, and proved the zip
 
 
 @pytest.mark.parametrize("args,problem", [(["Pott3r", "Harry"], "plain letters"), (["Potter", "Harry James"], "plain letters"),

@@ -20,19 +20,7 @@ import pytest
 import torch
 
 import CNNclassify as C
-from conftest import CIFAR_DIR, ROOT, WEIGHTS_B, run_cli
-
-
-def write_fake_batch(path, n, bytes_keys, seed=0):
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    labels = rng.integers(0, 10, n).tolist()
-    batch = {"data": data, "labels": labels, "batch_label": "fake", "filenames": [f"{i}.png" for i in range(n)]}
-    if bytes_keys:
-        batch = {k.encode(): v for k, v in batch.items()}
-    with open(path, "wb") as f:
-        pickle.dump(batch, f)
-    return data, labels
+from conftest import CIFAR_DIR, ROOT, make_fake_cifar, run_cli, shared_cifar, write_fake_batch
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
@@ -43,12 +31,6 @@ def test_read_cifar_batch_accepts_bytes_and_str_keys(tmp_path, bytes_keys):
     # row-major R, G, B planes: pixel (row 1, col 2) of the green plane is entry 1024 + 32 + 2
     assert images[3, 1, 1, 2] == data[3, 1024 + 32 + 2]
     assert read_labels.tolist() == labels
-
-
-def make_fake_cifar(folder, n=64):
-    folder.mkdir(parents=True)
-    for i, name in enumerate(C.CIFAR_TRAIN_FILES + [C.CIFAR_TEST_FILE]):
-        write_fake_batch(folder / name, n, bytes_keys=True, seed=i)
 
 
 @pytest.fixture
@@ -68,9 +50,8 @@ def local_server(tmp_path):
 
 def test_download_path_with_checksum(tmp_path, local_server):
     """The real download code, fed an archive of the real batches over loopback HTTP, MD5 checked."""
-    if not (CIFAR_DIR / C.CIFAR_FOLDER).is_dir():
-        pytest.skip("real CIFAR-10 not found")
     served, base_url = local_server
+    shared_cifar()
     archive = served / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
         tar.add(CIFAR_DIR / C.CIFAR_FOLDER, arcname=C.CIFAR_FOLDER)
@@ -290,8 +271,8 @@ def test_same_seed_same_numbers_other_seed_other_numbers(capsys):
 
 
 def test_train_end_to_end_on_real_data(tmp_path, cifar):
-    result = run_cli("train", "--seeds", "0", "1", "--epochs", "1", "--subset", "1000", "--batch-size", "128",
-                     "--data-dir", CIFAR_DIR, "--model-dir", tmp_path)
+    result = run_cli("train", "--seeds", "0", "1", "--epochs", "1", "--subset", "512", "--batch-size", "128",
+                     "--data-dir", CIFAR_DIR, "--model-dir", tmp_path, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("seed 0 epoch  1/1  train loss") and "test acc" in lines[0]
@@ -302,7 +283,7 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
     accuracies = [run["test_accuracy"] for run in results["runs"]]
     assert [run["seed"] for run in results["runs"]] == [0, 1]
     assert results["mean"] == pytest.approx(np.mean(accuracies)) and results["std"] == pytest.approx(np.std(accuracies))
-    assert all(20 < a <= 100 for a in accuracies)  # 8 steps on 1,000 images: well above chance (10%)
+    assert all(15 < a <= 100 for a in accuracies), accuracies  # 4 steps: chance is 10% +/- 1.3; seen 20.3, 19.1 (Zen 5)
     assert results["runs"][0]["history"][0]["epoch"] == 1 and results["machine"]["cpu"]
     assert results["preset"] == C.DEFAULT_PRESET and results["views"] == C.RECIPE.views
     for name in ["cnn.pt", "cnn_seed0.pt", "cnn_seed1.pt", "accuracy.png"]:
@@ -315,7 +296,7 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
     assert ring_shares(conv.weight).min() > 0.01
     for run in results["runs"]:  # where each seed errs: the last evaluation's confusion matrix
         matrix = np.array(run["confusion_matrix"])
-        assert matrix.shape == (10, 10) and matrix.sum() == 1000 and 100 * np.trace(matrix) / 1000 == pytest.approx(run["test_accuracy"])
+        assert matrix.shape == (10, 10) and matrix.sum() == 512 and 100 * np.trace(matrix) / 512 == pytest.approx(run["test_accuracy"])
         assert list(run["per_class_accuracy"]) == list(C.CLASSES)
         assert run["per_class_accuracy"]["cat"] == pytest.approx(100 * matrix[3, 3] / matrix[3].sum())
     assert (tmp_path / "confusion.png").stat().st_size > 0
@@ -323,32 +304,24 @@ def test_train_end_to_end_on_real_data(tmp_path, cifar):
     assert result.stderr == ""  # off a terminal: no bar, no note; results on stdout only
 
 
-def test_presets_differ_only_in_widths_epochs_and_views():
-    """The efficient preset is the recipe's defaults; the accurate one differs in three fields."""
-    accurate, efficient = (dataclasses.asdict(C.PRESETS[name]) for name in ("accurate", "efficient"))
-    assert {key for key in accurate if accurate[key] != efficient[key]} == {"widths", "epochs", "views"}
-    assert (accurate["widths"], accurate["epochs"], accurate["views"]) == ((64, 256, 256), 8, 6)
-    assert C.RECIPE == C.PRESETS[C.DEFAULT_PRESET] == C.Recipe() and efficient["views"] == 1
-
-
 def test_train_preset_accurate_end_to_end_on_real_data(tmp_path, cifar):
     """`train --preset accurate` trains the accurate recipe (its widths, its 6 test-time views in
-    the last evaluation) and learns: 8 steps on 1,024 real images land well above chance."""
-    result = run_cli("train", "--preset", "accurate", "--epochs", "1", "--subset", "1024", "--batch-size", "128",
-                     "--data-dir", CIFAR_DIR, "--model-dir", tmp_path)
+    the last evaluation) and learns: 4 steps on 512 real images land well above chance."""
+    result = run_cli("train", "--preset", "accurate", "--epochs", "1", "--subset", "512", "--batch-size", "128",
+                     "--data-dir", CIFAR_DIR, "--model-dir", tmp_path, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    expected = dataclasses.asdict(C.recipe_for(torch.device("cpu"), 128, epochs=1, preset="accurate"))
-    assert results["recipe"] == json.loads(json.dumps(expected)) and results["preset"] == "accurate"
-    assert results["views"] == 6 and results["runs"][0]["history"][-1]["test_views"] == 6
-    assert 25 < results["mean"] <= 100  # far above chance (10%)
+    assert results["preset"] == "accurate" and results["views"] == 6 and results["runs"][0]["history"][-1]["test_views"] == 6
+    recipe = results["recipe"]
+    assert (recipe["widths"], recipe["epochs"], recipe["batch_size"], recipe["views"]) == ([64, 256, 256], 1, 128, 6)
+    assert results["mean"] > 15  # chance: 10% +/- 1.3 (one std on 512 images); seen: 19.7% (Zen 5, bfloat16)
     checkpoint = torch.load(tmp_path / "cnn.pt", weights_only=True)
     assert checkpoint["settings"]["widths"] == [64, 256, 256] and checkpoint["views"] == 6
     assert C.load_cnn(tmp_path / "cnn.pt").views == 6
 
 
-def test_train_help_lists_options():
-    result = run_cli("train", "--help")
+def test_train_help_lists_options(cli):
+    result = cli("train", "--help")
     assert result.returncode == 0
     for option in ["--seeds", "--epochs", "--batch-size", "--data-dir", "--model-dir", "--device", "--precision",
                    "--subset", "--resume", "--preset"]:
@@ -360,9 +333,9 @@ def test_train_help_lists_options():
     assert "(default: 256 on a CPU, 1024 on a GPU)" in text
 
 
-def test_train_without_options_trains_seeds_0_1_2(tmp_path):
+def test_train_without_options_trains_seeds_0_1_2(tmp_path, cli):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
-    result = run_cli("train", "--epochs", "1", "--subset", "32", "--data-dir", tmp_path / "data", "--model-dir", tmp_path / "m")
+    result = cli("train", "--epochs", "1", "--subset", "32", "--data-dir", tmp_path / "data", "--model-dir", tmp_path / "m")
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "m" / "results.json").read_text())
     assert [run["seed"] for run in results["runs"]] == [0, 1, 2] and "over 3 seeds" in result.stdout
@@ -411,17 +384,51 @@ def test_gpu_format_follows_the_capability(monkeypatch, capability, expected):
     assert C.training_format(torch.device("cuda"), "auto")[0] == expected
 
 
-def test_float16_training_uses_a_loss_scaler_and_learns():
-    recipe = dataclasses.replace(C.RECIPE, epochs=1, batch_size=32, whitening_images=96, widths=(16, 16, 16))
-    model, history, _ = C.train_seed(tiny_data(), 0, recipe, torch.device("cpu"), torch.float16)
-    assert np.isfinite(history[0]["train_loss"]) and model.compute_dtype == torch.float16
+def learnable_data(n=192, seed=0):
+    """Images whose class is their colour (ten hues, noise on top): a tiny net learns it in a few
+    steps, so a falling loss means the training path works."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    hues = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
+                         [128, 0, 0], [0, 128, 0], [0, 0, 128], [128, 128, 128]], dtype=torch.float32)
+    images = hues[labels].view(n, 3, 1, 1) + 40 * torch.randn(n, 3, 32, 32, generator=g)
+    images = images.clamp(0, 255).to(torch.uint8)
+    return {"train": (images, labels), "test": (images[:64], labels[:64])}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_training_learns_and_loads_for_test(tmp_path, monkeypatch, dtype):
+    """bfloat16 and float16 train on every CPU (emulated where not native: fine at this size):
+    the loss falls, float16 goes through a loss scaler that scales (bfloat16 needs none), and the
+    saved model classifies through `test` in that format and in float32."""
+    scalers = []
+
+    class Spy(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scalers.append(self)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Spy)
+    recipe = dataclasses.replace(C.RECIPE, epochs=4, batch_size=32, whitening_images=96, widths=(16, 16, 16))
+    model, history, _ = C.train_seed(learnable_data(), 0, recipe, torch.device("cpu"), dtype)
+    losses = [row["train_loss"] for row in history]
+    assert all(np.isfinite(losses)) and losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1, losses
+    assert len(scalers) == 1 and scalers[0].is_enabled() == (dtype == torch.float16)
+    if dtype == torch.float16:
+        assert scalers[0].get_scale() > 1  # the loss was scaled up before backward
+    C.save_checkpoint(tmp_path / "m.pt", model, {"views": 1})
+    for precision in (C.precision_name(dtype), "float32"):
+        loaded = C.load_cnn(tmp_path / "m.pt", dtype=C.PRECISIONS[precision])
+        lines, _, probabilities = C.classify_image(str(ROOT / "test_images" / "chelsea.png"), loaded, top=3)
+        assert lines[0].startswith("prediction result: ") and len(lines) == 4
+        assert torch.isfinite(probabilities).all() and probabilities.sum().item() == pytest.approx(1, abs=1e-3)
 
 
 def test_avx2_capped_train_records_float32(tmp_path):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
     result = run_cli("train", "--seeds", "0", "--epochs", "1", "--subset", "64", "--data-dir", tmp_path / "data",
-                     "--model-dir", tmp_path / "m", env=env)
+                     "--model-dir", tmp_path / "m", "--device", "cpu", env=env)
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "m" / "results.json").read_text())
     assert results["precision"] == "float32" and results["machine"]["onednn_max_cpu_isa"] == "AVX2"
@@ -441,8 +448,8 @@ def test_nothing_in_home_and_nothing_on_stderr(tmp_path):
              "--model-dir", tmp_path / "m"),
             ("test", ROOT / "test_images" / "cat.png", "--model", tmp_path / "m" / "cnn.pt", "--out", tmp_path / "c.png",
              "--records-dir", tmp_path / "r"),
-            ("profile", "--model", tmp_path / "m" / "cnn.pt", "--weights", WEIGHTS_B, "--records-dir", tmp_path / "r"),
-            ("speed", "--model", tmp_path / "m" / "cnn.pt", "--weights", WEIGHTS_B, "--iterations", "2",
+            ("profile", "--model", tmp_path / "m" / "cnn.pt", "--weights", C.COURSE_RESNET20, "--records-dir", tmp_path / "r"),
+            ("speed", "--model", tmp_path / "m" / "cnn.pt", "--weights", C.COURSE_RESNET20, "--iterations", "2", "--warmup", "1",
              "--records-dir", tmp_path / "r")]
     for args in runs:
         result = run_cli(*args, env=env)
@@ -482,13 +489,13 @@ def test_malformed_batch_is_one_error_naming_the_file(tmp_path, batch, problem):
     (["--epochs", "0"], "--epochs: must be 1 or more"), (["--batch-size", "-5"], "--batch-size: must be 1 or more"),
     (["--batch-size", "0"], "--batch-size: must be 1 or more"), (["--seeds", "-1"], "--seeds: must be 0 or more"),
     (["--subset", "-3"], "--subset: must be 0 or more"), (["--seeds", "0", "0"], "a seed is given twice"),
-    (["--device", "foo"], "not a device name"), (["--device", "cuda:7"], "no such device"),
+    (["--device", "foo"], "not a device name"), (["--device", "cuda:999"], "no such device"),
     (["--seeds", "x"], "invalid int value"), (["--preset", "fast"], "invalid choice")])
-def test_bad_train_options_are_one_line_and_change_nothing(tmp_path, args, problem):
+def test_bad_train_options_are_one_line_and_change_nothing(tmp_path, args, problem, cli):
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "cnn.pt").write_bytes(b"shipped model")
-    result = run_cli("train", *args, "--data-dir", tmp_path / "none", "--model-dir", model_dir)
+    result = cli("train", *args, "--data-dir", tmp_path / "none", "--model-dir", model_dir)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0], lines
@@ -496,7 +503,7 @@ def test_bad_train_options_are_one_line_and_change_nothing(tmp_path, args, probl
 
 
 @pytest.mark.parametrize("model_dir", ["/proc/no/such/place", "read-only"])
-def test_unwritable_model_dir_fails_before_training(tmp_path, model_dir):
+def test_unwritable_model_dir_fails_before_training(tmp_path, model_dir, cli):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     if model_dir == "read-only":
         model_dir = tmp_path / "ro"
@@ -504,22 +511,22 @@ def test_unwritable_model_dir_fails_before_training(tmp_path, model_dir):
         model_dir.chmod(0o555)
         if os.access(model_dir, os.W_OK) and os.geteuid() == 0:  # root ignores the mode bits
             model_dir = Path("/proc/self/read-only")
-    result = run_cli("train", "--subset", "64", "--data-dir", tmp_path / "data", "--model-dir", model_dir)
+    result = cli("train", "--subset", "64", "--data-dir", tmp_path / "data", "--model-dir", model_dir)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot write into" in result.stderr
 
 
-def test_subset_runs_never_replace_the_default_model(tmp_path, monkeypatch, capsys):
+def test_subset_runs_never_replace_the_default_model(tmp_path, monkeypatch, cli):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     monkeypatch.setattr(C, "MODEL_DIR", tmp_path / "model")
     assert C.main(["train", "--epochs", "1", "--subset", "64", "--data-dir", str(tmp_path / "data")]) == 0
     assert (tmp_path / "model" / "subset" / "cnn.pt").is_file() and not (tmp_path / "model" / "cnn.pt").exists()
-    assert "model/subset/" in run_cli("train", "--help").stdout.replace("\n", " ").replace("  ", " ")
+    assert "model/subset/" in cli("train", "--help").stdout.replace("\n", " ").replace("  ", " ")
 
 
-def test_one_step_run_trains_and_saves(tmp_path):
+def test_one_step_run_trains_and_saves(tmp_path, cli):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
-    result = run_cli("train", "--epochs", "1", "--subset", "50", "--data-dir", tmp_path / "data", "--model-dir", tmp_path / "m")
+    result = cli("train", "--epochs", "1", "--subset", "50", "--data-dir", tmp_path / "data", "--model-dir", tmp_path / "m")
     assert result.returncode == 0, result.stderr  # 50 images in one batch of 256: one optimiser step
     assert (tmp_path / "m" / "cnn.pt").is_file()
 
@@ -554,17 +561,17 @@ def shipped_like_model_dir(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def test_data_dir_that_is_a_file_is_one_line(tmp_path):
-    result = run_cli("train", "--data-dir", ROOT / "README.md", "--model-dir", tmp_path / "m")
+def test_data_dir_that_is_a_file_is_one_line(tmp_path, cli):
+    result = cli("train", "--data-dir", ROOT / "README.md", "--model-dir", tmp_path / "m")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "is a file, not a folder" in result.stderr and "downloading" not in result.stderr
 
 
-def test_batch_larger_than_the_training_set_is_refused_before_training(tmp_path):
+def test_batch_larger_than_the_training_set_is_refused_before_training(tmp_path, cli):
     make_fake_cifar(tmp_path / "data" / C.CIFAR_FOLDER)
     before = shipped_like_model_dir(tmp_path / "m")
-    result = run_cli("train", "--subset", "64", "--batch-size", "100000", "--data-dir", tmp_path / "data",
+    result = cli("train", "--subset", "64", "--batch-size", "100000", "--data-dir", tmp_path / "data",
                      "--model-dir", tmp_path / "m")
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert "--batch-size 100000 is larger than the 64 training images" in result.stderr
@@ -639,7 +646,8 @@ def test_sigterm_and_ctrl_c_stop_with_one_line_and_leave_nothing_partial(tmp_pat
 
 # ----------------------------------------------------------------------------- rerun after a fault
 
-RERUN = ("train", "--seeds", "0", "1", "--epochs", "3", "--batch-size", "32")  # 320 fake images: 10 steps an epoch
+RERUN = ("train", "--seeds", "0", "1", "--epochs", "3", "--batch-size", "32", "--subset", "128",  # 4 steps an epoch
+         "--device", "cpu")  # bit for bit: the CPU
 
 
 def start_train(folder, model_dir, *more):
@@ -727,12 +735,22 @@ def test_plain_train_trains_again_and_resume_keeps(tmp_path):
     args = ("train", "--seeds", "0", "--subset", "512", "--epochs", "1", "--data-dir", tmp_path / "data",
             "--model-dir", tmp_path / "m")
     seed0 = tmp_path / "m" / "cnn_seed0.pt"
-    stamps = []
+    stamps, numbers = [], []
     for more in ([], [], ["--resume"]):
-        result = run_cli(*args, *more)
+        result = run_cli(*args, "--device", "cpu", *more)
         assert result.returncode == 0 and result.stderr == ""
         stamps.append((seed0.stat().st_ino, seed0.stat().st_mtime_ns))
+        numbers.append((torch.load(seed0, weights_only=True)["state_dict"], final_numbers(tmp_path / "m")))
     assert stamps[1] != stamps[0] and stamps[2] == stamps[1]
+    (first, first_results), (second, second_results) = numbers[:2]
+    assert all(torch.equal(first[k], second[k]) for k in first) and first_results == second_results
+
+
+def final_numbers(model_dir):
+    """Every number of results.json but the seconds (and the sha256 of files that hold them)."""
+    results = json.loads((model_dir / "results.json").read_text())
+    return [(run["test_accuracy"], [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+                                    for row in run["history"]]) for run in results["runs"]]
 
 
 def test_a_crash_while_training_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Nothing written into the checkout: matplotlib's font cache and Python's bytecode go elsewhere
+# Nothing written into the checkout: matplotlib's font cache goes to a temporary folder and no bytecode is written
 # (the script's own default for MPLCONFIGDIR is the project's git-ignored .matplotlib/), for
 # this process and every `python CNNclassify.py` the tests start.
 os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="cnnclassify-tests-mpl-")

@@ -208,19 +208,22 @@ def append_row(path, row):
 
 
 def table(rows):
-    """The rows as markdown, grouped by CPU kind and precision; the time ratio is to the mean
-    seconds of that group's `shipped` rows run the same way (threads, side by side)."""
+    """The rows as markdown, grouped by CPU kind and precision. The time ratio is of CPU seconds
+    (a one-thread run's CPU time is its work, whatever else shares the machine; wall seconds are
+    shown too) to the mean of that group's `shipped` rows run the same way."""
     lines = ["| candidate | seed | CPU, precision, threads x side by side | epochs | val acc "
-             "(5,000) | MACs | params | s | time ratio | commit |", "|" + " --- |" * 10]
+             "(5,000) | MACs | params | wall s | CPU s | CPU time ratio | commit |",
+             "|" + " --- |" * 11]
     for row in sorted(rows, key=lambda r: (r["cpu_kind"], r["precision"], r["candidate"] !=
                                            "shipped", r["candidate"], r["seed"])):
-        base = [r["seconds"] for r in rows if r["candidate"] == "shipped" and all(
+        base = [r["cpu_seconds"] for r in rows if r["candidate"] == "shipped" and all(
             r[k] == row[k] for k in ("cpu_kind", "precision", "threads", "side_by_side"))]
-        ratio = f"{row['seconds'] / np.mean(base):.2f}x" if base else "-"
+        ratio = f"{row['cpu_seconds'] / np.mean(base):.2f}x" if base else "-"
         lines.append(f"| {row['candidate']} | {row['seed']} | {row['cpu_kind']}, "
                      f"{row['precision']}, {row['threads']} x {row['side_by_side']} | "
                      f"{row['epochs']} | {row['val_accuracy']:.2f}% | {row['macs']:,} | "
-                     f"{row['params']:,} | {row['seconds']:.0f} | {ratio} | {row['commit']} |")
+                     f"{row['params']:,} | {row['seconds']:.0f} | {row['cpu_seconds']:.0f} | "
+                     f"{ratio} | {row['commit']} |")
     return lines
 
 

@@ -259,7 +259,7 @@ def summary_rows(records, source=None):
                  (f"CNN (ours) shipped, model/{C.MAIN_MODEL}",
                   f"{main['test_accuracy']:.2f}% (seed {main['seed']})"),
                  ("CNN train + evaluation time per seed", f"{np.mean(seconds):.0f} s mean, "
-                  f"{max(seconds):.0f} s max" + (" (slowed by other work: see (b))"
+                  f"{max(seconds):.0f} s max" + (" (slowed by other work: see the report's (b))"
                                                  if slow_epochs(results) else ""))]
     if records["test"]:
         rows.append((f"test {image_label(records['test'], source)}",
@@ -273,9 +273,11 @@ def summary_rows(records, source=None):
         rows += [(f"MACs / params: {m['name']}", f"{m['macs']:,} / {m['params']:,}")
                  for m in records["profile"]["models"]]
     if records["speed"]:
+        speed = records["speed"]
         rows += [(f"inference, batch 1: {m['name']}", f"{m['mean_ms']:.3f} ms mean "
-                  f"({records['speed']['precision']}, {m.get('layout', 'channels_last')})")
-                 for m in records["speed"]["models"]]
+                  f"({speed['precision']}, {m.get('layout', 'channels_last')}; "
+                  f"{speed['machine'].get('gpu') or speed['machine']['cpu']})")
+                 for m in speed["models"]]
     return rows
 
 

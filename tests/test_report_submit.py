@@ -359,10 +359,9 @@ def test_zip_never_takes_dataset_files(tmp_path):
         build.build_zip([("model/data_batch_1", tmp_path / "data_batch_1")])
 
 
-def test_the_script_says_where_report_and_submit_are():
+def test_the_script_says_where_report_and_submit_are(cli):
     result = run_build("--help")
     assert result.returncode == 0 and "report" in result.stdout and "submit" in result.stdout
-    from conftest import run_cli
-    assert "report/build.py" in run_cli("--help").stdout
-    result = run_cli("report", "--author", "Harry Potter")  # not a command of the script
+    assert "report/build.py" in cli("--help").stdout
+    result = cli("report", "--author", "Harry Potter")  # not a command of the script
     assert result.returncode == 2 and result.stdout == "" and len(result.stderr.strip().splitlines()) == 1

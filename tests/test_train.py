@@ -53,7 +53,7 @@ def test_download_path_with_checksum(tmp_path, local_server):
     served, base_url = local_server
     shared_cifar()
     archive = served / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+    with tarfile.open(archive, "w:gz", compresslevel=0) as tar:  # gzip, unsqueezed: fast
         tar.add(CIFAR_DIR / C.CIFAR_FOLDER, arcname=C.CIFAR_FOLDER)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     data = C.load_cifar(tmp_path / "data", url=f"{base_url}/{archive.name}", md5=md5)
@@ -710,19 +710,19 @@ def test_killed_during_seed_1_then_rerun_keeps_seed_0_and_gives_the_same_results
     assert not list(model_dir.glob(".*"))
 
 
-def test_resume_trains_other_settings_again_and_plain_train_trains_every_seed(uninterrupted, tmp_path):
+def test_resume_trains_other_settings_again_and_plain_train_trains_every_seed(uninterrupted, tmp_path, cli):
     folder, expected, _ = uninterrupted
     model_dir = tmp_path / "m"
     shutil.copytree(folder / "whole", model_dir)
-    result = run_cli(*RERUN, "--epochs", "1", "--data-dir", folder / "data", "--model-dir", model_dir, "--resume")
+    result = cli(*RERUN, "--epochs", "1", "--data-dir", folder / "data", "--model-dir", model_dir, "--resume")
     assert result.returncode == 0 and result.stderr == ""
     status = json.loads((model_dir / "results.json").read_text())["seed_status"]
     assert status == {s: "trained again (saved with other settings: epochs)" for s in ("0", "1")}
     (model_dir / "cnn_seed1.pt").write_bytes(b"half a file")
-    result = run_cli(*RERUN, "--data-dir", folder / "data", "--model-dir", model_dir, "--resume")
+    result = cli(*RERUN, "--data-dir", folder / "data", "--model-dir", model_dir, "--resume")
     status = json.loads((model_dir / "results.json").read_text())["seed_status"]
     assert result.returncode == 0 and status["1"].startswith("trained again (saved file unreadable: ")
-    result = run_cli(*RERUN, "--data-dir", folder / "data", "--model-dir", model_dir)  # plain: all from scratch
+    result = cli(*RERUN, "--data-dir", folder / "data", "--model-dir", model_dir)  # plain: all from scratch
     status = json.loads((model_dir / "results.json").read_text())["seed_status"]
     assert result.returncode == 0 and status == {"0": "trained", "1": "trained"}
     weights, *recorded = final(model_dir)

@@ -1348,8 +1348,9 @@ def training_format(device, precision):
 
 
 def inference_format(device, precision):
-    """The number format of `test` and `speed`: float32 unless --precision says otherwise, as one
-    image at a time is faster in float32 than in bfloat16 on every CPU measured."""
+    """The number format of `test` and `speed`: float32 unless --precision says otherwise, as it
+    predicts alike on every machine and one image at a time was about as fast as bfloat16 or
+    faster on every CPU measured."""
     return torch.float32 if precision == "auto" else PRECISIONS[precision]
 
 

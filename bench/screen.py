@@ -144,7 +144,7 @@ def commit():
     return head + ("+" if dirty else "")
 
 
-WORKER = {}  # in each worker process: the data, the device, the number format
+WORKER = {}  # in each worker process: the data, device, number format, subset and commit
 
 
 def start_worker(data_dir, subset, threads):

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -78,11 +79,6 @@ class Recipe:
     conv1_trained: bool = True     # set from the data, then trained (Muon, at its own norm)
     muon_lr_per_1024: float = 0.17  # Muon for the conv filters (0: SGD)
     muon_momentum: float = 0.6
-
-    @property
-    def epoch_views(self):
-        """Views of the evaluations before the last epoch: they only draw the curve."""
-        return min(2, self.views)
 
 
 # "efficient": a narrow net for many epochs, one view: fewer MACs than ResNet-20 and about its
@@ -405,7 +401,7 @@ def train_seed(data, seed, recipe, device, dtype, on_epoch=None, label=lambda: "
             correct += (logits.argmax(1) == y).sum()
         synchronize(device)
         train_seconds = time.perf_counter() - start
-        views = recipe.views if epoch == recipe.epochs - 1 else recipe.epoch_views
+        views = recipe.views if epoch == recipe.epochs - 1 else min(2, recipe.views)  # curve only
         test_loss, right, confusion = evaluate(ViewAverage(average, views), test_x, test_y,
                                                eval_batch(device))
         seconds += time.perf_counter() - start
@@ -769,16 +765,16 @@ LARGEST_SIDE_KEPT = 1024        # larger images are shrunk right after decoding
 
 
 def test(args):
-    """`test IMAGE`: the predicted class and CONV_rslt.png (conv1's 32 maps); --top N adds the N
-    likeliest classes; --record keeps both for the report (in model/records/), so a grader's run
-    changes nothing in model/. Several images: one line each; a bad one is one stderr line."""
+    """`test IMAGE`: the predicted class and CONV_rslt.png (conv1's 32 maps), kept for the report
+    only with --record. Several images: one line each; a bad one is one stderr line."""
     if len(args.images) > 1 and args.out:
         raise UserError("--out names the figure of one image; give one image with it")
     out = args.out or "CONV_rslt.png"
     if len(args.images) == 1:
         figure_format(out)
     device = pick_device(args.device)
-    model = load_cnn(args.model, device, inference_format(device, args.precision))
+    dtype = inference_format(device, args.precision)
+    model = load_cnn(args.model, device, dtype)
     if len(args.images) == 1:
         lines, figure, _ = classify_image(args.images[0], model, args.top)
         print("\n".join(lines), flush=True)
@@ -791,8 +787,7 @@ def test(args):
         return save_record(args, "test", lines, {
             **model_identity(args.model), "image": shown_path(image),
             "image_sha256": sha256_of(image), "figure": shown_path(out),
-            "figure_sha256": sha256_of(out), "figure_copy": TEST_FIGURE}, device,
-            inference_format(device, args.precision))
+            "figure_sha256": sha256_of(out), "figure_copy": TEST_FIGURE}, device, dtype)
     failed = 0
     for name in args.images:
         try:
@@ -1079,21 +1074,18 @@ def load_resnet20(source=RESNET20_URL):
 
 # ----------------------------------------------------------------- costs (THOP) and inference speed
 
+LAYOUTS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}  # for `speed`
+SPEED_TURNS = 5
+
 def command_profile(args):
     """`profile`: MACs and parameters of our CNN and ResNet-20 (THOP)."""
     cnn = load_cnn(args.model)
     resnet, weights = load_resnet20(args.weights)
     rows, lines = cost_table(cnn, resnet)
     print("\n".join(lines))
-    models = [{"name": n, "macs": m, "params": p} for n, m, p in rows]
-    save_record(args, "profile", lines, {**model_identity(args.model), **weights,
-                                         "counted": THOP_COUNTS, "models": models},
-                torch.device("cpu"), torch.float32)
-
-
-LAYOUTS = {"channels_last": torch.channels_last, "NCHW": torch.contiguous_format}
-SPEED_TURNS = 5
-THOP_COUNTS = "THOP counts convolutions, linear layers and BatchNorm; input 1 x 3 x 32 x 32"
+    save_record(args, "profile", lines, {**model_identity(args.model), **weights, "models": [
+        {"name": n, "macs": m, "params": p} for n, m, p in rows]}, torch.device("cpu"),
+        torch.float32)
 
 
 def count_costs(model):
@@ -1125,10 +1117,8 @@ def cost_table(cnn, resnet):
 
 
 def inference_speed_test(args):
-    """`speed`: batch-1 time of our CNN and ResNet-20 after args.warmup untimed calls (mean,
-    median, p95 of args.iterations, in turns), each model timed in both memory layouts and shown
-    in its faster one, so the ratio compares the architectures, not the layouts; printed,
-    returned, recorded when args has records_dir."""
+    """`speed`: batch-1 time of both models, each shown in its faster memory layout (the ratio
+    compares architectures); printed, returned, recorded when args has records_dir."""
     device = pick_device(args.device)
     dtype = inference_format(device, args.precision)
     cnn = load_cnn(args.model, device, dtype)
@@ -1137,22 +1127,17 @@ def inference_speed_test(args):
     models.append(("ResNet-20", resnet.to(device)))
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     times = {(name, layout): [] for name, _ in models for layout in LAYOUTS}
-    # the models and layouts take turns, a share of the iterations each, so a slow stretch of a
-    # shared machine falls on all of them alike; the full warm-up before each one's first turn
+    # turns of a share of the iterations each: a slow stretch of the machine falls on all alike
     for turn, share in enumerate(np.array_split(np.arange(args.iterations), SPEED_TURNS)):
-        for name, model in models:
-            for layout, memory_format in LAYOUTS.items():  # weights and input in one layout
-                warmup = args.warmup if turn == 0 else min(args.warmup, 5)
-                times[name, layout].append(time_inference(
-                    model.to(memory_format=memory_format),
-                    x.contiguous(memory_format=memory_format), warmup, len(share)))
+        for (name, model), (layout, form) in itertools.product(models, LAYOUTS.items()):
+            warmup = min(args.warmup, 5) if turn else args.warmup  # weights, input: one layout
+            times[name, layout].append(time_inference(
+                model.to(memory_format=form), x.contiguous(memory_format=form), warmup, len(share)))
     results = []
     for name, _ in models:
-        layouts = {}
-        for layout in LAYOUTS:
-            ms = 1000 * np.concatenate(times[name, layout])
-            layouts[layout] = {"mean_ms": float(ms.mean()), "median_ms": float(np.median(ms)),
-                               "p95_ms": float(np.percentile(ms, 95))}
+        ms = {layout: 1000 * np.concatenate(times[name, layout]) for layout in LAYOUTS}
+        layouts = {layout: {"mean_ms": float(t.mean()), "median_ms": float(np.median(t)),
+                            "p95_ms": float(np.percentile(t, 95))} for layout, t in ms.items()}
         faster = min(layouts, key=lambda layout: layouts[layout]["mean_ms"])
         results.append({"name": name, "layout": faster, **layouts[faster], "layouts": layouts})
     lines = [f"{'model':<14s} {'layout':<14s} {'mean ms':>8s} {'median ms':>10s} {'p95 ms':>8s}"]
@@ -1163,9 +1148,7 @@ def inference_speed_test(args):
     print("\n".join(lines))
     result = {"models": results, "device": str(device), "views": cnn.views,
               "precision": precision_name(dtype), "threads": torch.get_num_threads(),
-              "input": "1 x 3 x 32 x 32", "warmup": args.warmup, "iterations": args.iterations,
-              "turns": SPEED_TURNS,
-              **weights}
+              "warmup": args.warmup, "iterations": args.iterations, "turns": SPEED_TURNS, **weights}
     if getattr(args, "records_dir", None):
         save_record(args, "speed", lines, {**model_identity(args.model), **result}, device, dtype)
     return {**result, "lines": lines}
@@ -1272,8 +1255,7 @@ def build_parser():
     p.add_argument("--top", type=int_from(0), default=0, metavar="N",
                    help="also print the N likeliest classes with their probabilities")
     p.add_argument("--record", action="store_true", help="keep what was printed and a copy of "
-                   "the figure in --records-dir, for the report (without it nothing is written "
-                   "there)")
+                   "the figure in --records-dir, for the report")
     command("resnet20", resnet20, "test accuracy of a pretrained ResNet-20", weights, data,
             records, device)
     command("profile", command_profile, "MACs and parameters of both models (THOP)", model,
@@ -1300,10 +1282,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = argv
     signal.signal(signal.SIGTERM, stop)
-    resume = ""
-    if args.run is train:
-        resume = ("; rerun the same command to go on" if args.resume else
-                  f"; `{invocation(args)} --resume` trains the seeds not yet saved")
+    resume = "" if args.run is not train else (
+        "; rerun the same command to go on" if args.resume else
+        f"; `{invocation(args)} --resume` trains the seeds not yet saved")
     try:
         args.run(args)
     except UserError as error:
@@ -1334,7 +1315,7 @@ def training_format(device, precision):
     if precision != "auto":
         return PRECISIONS[precision], f"{precision} (--precision)"
     if device.type == "cpu":
-        flags = cpu_flags()
+        flags = set(cpuinfo_field("flags").split())
         capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16
         amd = cpuinfo_field("vendor_id") == "AuthenticAMD"
         if not capped and ("amx_bf16" in flags or (amd and "avx512_bf16" in flags)):
@@ -1348,9 +1329,8 @@ def training_format(device, precision):
 
 
 def inference_format(device, precision):
-    """The number format of `test` and `speed`: float32 unless --precision says otherwise, as it
-    predicts alike on every machine and one image at a time was about as fast as bfloat16 or
-    faster on every CPU measured."""
+    """The number format of `test` and `speed`: float32 unless --precision says otherwise (alike
+    on every machine; at batch 1 about as fast as bfloat16 or faster on every CPU measured)."""
     return torch.float32 if precision == "auto" else PRECISIONS[precision]
 
 
@@ -1389,17 +1369,14 @@ def cpuinfo_field(name):
     return found.group(1).strip() if found else ""
 
 
-def cpu_flags():
-    return set(cpuinfo_field("flags").split())
-
-
 def machine_description(device, dtype):
     """What ran a command, stored beside each result so numbers keep their context."""
     name = cpuinfo_field("model name") or platform.processor() or platform.machine()
     return {"cpu": f"{name} (family {cpuinfo_field('cpu family')} model {cpuinfo_field('model')})",
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_bfloat16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+            "cpu_bfloat16_flags": sorted({"avx512_bf16", "amx_bf16"}
+                                         & set(cpuinfo_field("flags").split())),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
             "precision": precision_name(dtype),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

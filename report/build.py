@@ -152,7 +152,7 @@ def speed_words(speed):
                       for m in speed["models"] for layout, t in m.get("layouts", {}).items()
                       if layout != m.get("layout"))
     return (f"device {speed['device']}, {speed['precision']}, {speed.get('threads')} torch "
-            f"threads, input {speed.get('input', '1 x 3 x 32 x 32')}, {speed['warmup']} warm-up + "
+            f"threads, input 1 x 3 x 32 x 32, {speed['warmup']} warm-up + "
             f"{speed['iterations']} timed calls per model and layout; each model is shown in "
             f"its faster memory layout" + (f" (the other: {other})" if other else ""))
 
@@ -195,15 +195,10 @@ def reproduction_words(results):
             "the spread between seeds. The GPU path has not been measured.")
 
 
-def conv1_pairs(model_dir):
-    """How far training moved filters 16-31 from the negatives of 0-15: sorted cosines."""
-    weight = C.load_cnn(Path(model_dir) / C.MAIN_MODEL).cnn.conv1.weight.flatten(1)
-    import torch
-    return sorted(torch.nn.functional.cosine_similarity(weight[:16], weight[16:]).tolist())
-
-
 def conv1_words(model_dir):
-    cosines = conv1_pairs(model_dir)
+    """How far training moved filters 16-31 from the negatives of 0-15, from their cosines."""
+    weight = C.load_cnn(Path(model_dir) / C.MAIN_MODEL).cnn.conv1.weight.flatten(1)
+    cosines = sorted(C.F.cosine_similarity(weight[:16], weight[16:]).tolist())
     close = sum(c < -0.9 for c in cosines)
     return (f"Filters 16-31 start as the negatives of filters 0-15, so in CONV_rslt.png the maps "
             f"of rows 3-4 start as those of rows 1-2 with the sign flipped. Training moved them "
@@ -219,10 +214,9 @@ def evidence_rows(records):
     trained, float32 against bfloat16 at batch 1 (same CPU). [] in a hand-in without bench/."""
     rows = []
     for label, name in EVIDENCE["conv1"]:
-        path = C.ROOT / name
-        found = path.is_file() and re.search(r"final test accuracy: 1 view ([\d.]+)%.*training "
-                                             r"(\d+) s", path.read_text())
-        machine = path.is_file() and re.search(r"machine: (.*?), \d+ torch", path.read_text())
+        text = (C.ROOT / name).read_text() if (C.ROOT / name).is_file() else ""
+        found = re.search(r"final test accuracy: 1 view ([\d.]+)%.*training (\d+) s", text)
+        machine = re.search(r"machine: (.*?), \d+ torch", text)
         if found:
             rows.append((f"conv1 {label}", f"{found.group(1)}% test accuracy, seed 0, one view "
                          f"({machine.group(1) if machine else '?'}, bfloat16; {name})"))
@@ -393,8 +387,9 @@ def sections(model_dir, records, source=None):
                    + weights_words(resnet), [(resnet["command"], resnet["output"])]),
            Section("e", "(e) Train and test accuracy per epoch", made_by(results),
                    image="accuracy.png", notes=[PLOT_WORDS]),
-           Section("f", "(f) MACs and parameters (THOP)", made_by(profile) + "; "
-                   + profile.get("counted", "THOP") + "; " + weights_words(profile),
+           Section("f", "(f) MACs and parameters (THOP)", made_by(profile) + "; THOP counts "
+                   "convolutions, linear layers and BatchNorm, input 1 x 3 x 32 x 32; "
+                   + weights_words(profile),
                    [(profile["command"], profile["output"])]),
            Section("g", "(g) Seeds and final test accuracy", "the end of model/"
                    f"{C.LOG_FILE}; " + made_by(results),

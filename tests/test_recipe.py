@@ -42,7 +42,7 @@ def test_the_default_recipe_is_the_one_readme_states():
 # Measured on a Zen 5 (AVX-512, family 26 model 2): with ONEDNN_MAX_CPU_ISA=AVX2 (and
 # MKL_ENABLE_INSTRUCTIONS=AVX2: the kernels of a CPU without AVX-512) the losses moved by at most
 # 1.2e-3 relative, with 1 thread instead of 2 by at most 1.4e-3 (the sums' order changes and 16 steps
-# amplify it); RTOL is about twice that. Changes of the
+# amplify it; bench/golden_tolerance_zen5_cpu_2core.txt); RTOL is about twice that. Changes of the
 # recipe move them by more: lr_per_1024 1.5 -> 1.4 by 5.9e-3, muon_lr_per_1024 0.17 -> 0.15 by 1.5e-2,
 # label_smoothing 0.2 -> 0.15 by 3.5e-2. The average's decay is not reached in 16 steps (its ramp
 # is below it): it is pinned by the literals above and by update_average's own test.

@@ -85,6 +85,13 @@ def extra_b1_pointwise_b3(model):
     return pointwise_last_conv(extra_conv(model))
 
 
+def unpooled_last_block(model, block=2):
+    """Block `block` without its max pool: its second conv and the global max pool see 7x7
+    pixels instead of 3x3 (the 7 -> 3 pool also drops a row and a column)."""
+    model.blocks[block][1] = nn.Identity()
+    return model
+
+
 CANDIDATES = {  # name: (changes of the Recipe, change of the model or None)
     "shipped": ({}, None),
     "1x1_b3_24ep": ({"epochs": 24}, pointwise_last_conv),
@@ -98,6 +105,13 @@ CANDIDATES = {  # name: (changes of the Recipe, change of the model or None)
     "w32_128_96_1x1_b3_24ep": ({"widths": (32, 128, 96), "epochs": 24}, pointwise_last_conv),
     # under ResNet-20's 272,474 parameters (225,472; 24.6 M MACs), more epochs for the width
     "w32_96_96_1x1_b3_26ep": ({"widths": (32, 96, 96), "epochs": 26}, pointwise_last_conv),
+    # equal cost: the optimisers' step sizes and the batch (lr scales with batch / 1024)
+    "lr_2.0": ({"lr_per_1024": 2.0}, None),
+    "muon_lr_0.24": ({"muon_lr_per_1024": 0.24}, None),
+    "batch_128": ({"batch_size": 128}, None),
+    # the MACs moved: 40/128/128 (519,264 params, 38.7 M MACs); block 3 at 7x7 (39.7 M MACs)
+    "w40_128_128": ({"widths": (40, 128, 128)}, None),
+    "w32_128_128_b3_7x7": ({"widths": (32, 128, 128)}, unpooled_last_block),
 }
 
 

@@ -241,6 +241,28 @@ def table(rows):
     return lines
 
 
+def summary(rows):
+    """One line per candidate: its mean over seeds and the difference from the `shipped` rows of
+    the same seeds, CPU kind and precision (paired: a seed's data order is the same)."""
+    lines = ["| candidate | CPU, precision | seeds | mean val acc | vs shipped, same seeds | "
+             "params | MACs | CPU time ratio |", "|" + " --- |" * 8]
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["cpu_kind"], row["precision"], row["candidate"]), []).append(row)
+    for (kind, precision, name), runs in sorted(groups.items(), key=lambda g: (
+            g[0][:2], g[0][2] != "shipped", -np.mean([r["val_accuracy"] for r in g[1]]))):
+        base = {r["seed"]: r for r in groups.get((kind, precision, "shipped"), [])}
+        paired = [r for r in runs if r["seed"] in base]
+        delta = np.mean([r["val_accuracy"] - base[r["seed"]]["val_accuracy"] for r in paired])
+        ratio = np.mean([r["cpu_seconds"] / base[r["seed"]]["cpu_seconds"] for r in paired])
+        lines.append(f"| {name} | {kind}, {precision} | "
+                     f"{' '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
+                     f"{np.mean([r['val_accuracy'] for r in runs]):.2f}% | "
+                     f"{f'{delta:+.2f}' if paired else '-'} | {runs[0]['params']:,} | "
+                     f"{runs[0]['macs']:,} | {f'{ratio:.2f}x' if paired else '-'} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="data")
@@ -254,7 +276,8 @@ def main():
                         "nothing")
     args = parser.parse_args()
     if args.table:
-        print("\n".join(table(read_rows(args.rows))))
+        rows = read_rows(args.rows)
+        print("\n".join(summary(rows) + [""] + table(rows)))
         return
     device = torch.device("cpu")
     dtype = C.training_format(device, "auto")[0]

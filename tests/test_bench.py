@@ -63,3 +63,18 @@ def test_screen_appends_a_row_per_run_and_a_rerun_skips_the_finished_ones(tmp_pa
     assert [(r["candidate"], r["seed"]) for r in run(0, 1)[2:]] == [("shipped", 1), ("1x1_b3_24ep", 1)]
     assert trained[2:] == [("shipped", 1), ("1x1_b3_24ep", 1)]
     assert "| shipped | 0 |" in "\n".join(screen.table(first))
+
+
+def test_screen_summary_compares_each_candidate_with_the_baseline_on_the_same_seeds():
+    spec = importlib.util.spec_from_file_location("screen", ROOT / "bench" / "screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    row = lambda name, seed, acc, cpu: {"candidate": name, "seed": seed, "val_accuracy": acc,
+                                        "cpu_seconds": cpu, "cpu_kind": "k", "precision": "p",
+                                        "params": 10, "macs": 20}
+    rows = [row("shipped", 0, 91.0, 100), row("shipped", 1, 92.0, 100), row("a", 0, 91.5, 150),
+            row("b", 2, 93.0, 100)]
+    lines = screen.summary(rows)
+    assert lines[2].startswith("| shipped | k, p | 0 1 | 91.50% | +0.00 |")
+    assert lines[3] == "| b | k, p | 2 | 93.00% | - | 10 | 20 | - |"  # no baseline on seed 2
+    assert lines[4] == "| a | k, p | 0 | 91.50% | +0.50 | 10 | 20 | 1.50x |"

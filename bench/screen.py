@@ -108,6 +108,8 @@ CANDIDATES = {  # name: (changes of the Recipe, change of the model or None)
     # equal cost: the optimisers' step sizes and the batch (lr scales with batch / 1024)
     "lr_2.0": ({"lr_per_1024": 2.0}, None),
     "muon_lr_0.24": ({"muon_lr_per_1024": 0.24}, None),
+    "lr_1.0": ({"lr_per_1024": 1.0}, None),
+    "muon_lr_0.12": ({"muon_lr_per_1024": 0.12}, None),
     "batch_128": ({"batch_size": 128}, None),
     # the MACs moved: 40/128/128 (519,264 params, 38.7 M MACs); block 3 at 7x7 (39.7 M MACs)
     "w40_128_128": ({"widths": (40, 128, 128)}, None),

@@ -24,6 +24,8 @@ def main():
     args, train_options = parser.parse_known_args()
     changes = screen.CANDIDATES[args.candidate][0]
     C.PRESETS["efficient"] = dataclasses.replace(C.PRESETS["efficient"], **changes)
+    # results.json and the resume hint name this command, not a plain train of the shipped recipe
+    C.invocation = lambda _: " ".join(["python bench/confirm.py", *sys.argv[1:]])
     # a --model-dir among the options comes later and wins
     return C.main(["train", "--model-dir", str(BENCH / "confirm" / args.candidate),
                    *train_options])

@@ -78,6 +78,7 @@ def test_screen_summary_compares_each_candidate_with_the_baseline_on_the_same_se
     assert lines[2].startswith("| shipped | k, p | 0 1 | 91.50% | +0.00 |")
     assert lines[3] == "| b | k, p | 2 | 93.00% | - | 10 | 20 | - |"  # no baseline on seed 2
     assert lines[4] == "| a | k, p | 0 | 91.50% | +0.50 | 10 | 20 | 1.50x |"
+    assert "differ by 1.00 to 1.00 points" in lines[-1] and "about 0.89." in lines[-1]  # shipped's gap
 
 
 def test_confirm_trains_plain_train_with_the_candidates_recipe(tmp_path, monkeypatch):
@@ -85,7 +86,8 @@ def test_confirm_trains_plain_train_with_the_candidates_recipe(tmp_path, monkeyp
     spec = importlib.util.spec_from_file_location("confirm", ROOT / "bench" / "confirm.py")
     confirm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(confirm)
-    monkeypatch.setitem(C.PRESETS, "efficient", C.PRESETS["efficient"])  # restored afterwards
+    monkeypatch.setitem(C.PRESETS, "efficient", C.PRESETS["efficient"])  # both restored afterwards
+    monkeypatch.setattr(C, "invocation", C.invocation)
     monkeypatch.setattr(sys, "argv", ["confirm.py", "ema_0.99", "--data-dir", str(tmp_path / "data"),
                                       "--epochs", "1", "--seeds", "0", "--device", "cpu",
                                       "--model-dir", str(tmp_path / "out")])
@@ -93,3 +95,4 @@ def test_confirm_trains_plain_train_with_the_candidates_recipe(tmp_path, monkeyp
     results = json.loads((tmp_path / "out" / C.RESULTS_FILE).read_text())
     assert json.dumps(results).count('"average_decay": 0.99') >= 1
     assert '"average_decay": 0.98' not in json.dumps(results)
+    assert results["command"].startswith("python bench/confirm.py ema_0.99 --data-dir")

@@ -1,8 +1,8 @@
 """Confirm a screened candidate on the test set: plain `train` (all 50,000 training images,
 seeds 0, 1, 2 unless told, scored on the 10,000 test images) with the candidate's changes made
 to the efficient preset, into bench/confirm/<candidate>/ (results.json and train_log.txt are
-kept; the models are not committed). Recipe changes only: a candidate that changes the model
-needs that change in CNNclassify.py first.
+kept; the models and figures are not committed). Recipe changes only: a candidate that changes
+the model needs that change in CNNclassify.py first.
 
     python bench/confirm.py ema_0.99 --data-dir data [any other option of `train`]
 """

@@ -264,14 +264,17 @@ def summary(rows):
                      f"{np.mean([r['val_accuracy'] for r in runs]):.2f}% | "
                      f"{f'{delta:+.2f}' if paired else '-'} | {runs[0]['params']:,} | "
                      f"{runs[0]['macs']:,} | {f'{ratio:.2f}x' if paired else '-'} |")
-    # the noise: how far two seeds of one candidate land apart (for normal runs the mean gap is
-    # 2 / sqrt(pi) x one run's standard deviation)
-    gaps = [abs(runs[0]["val_accuracy"] - runs[1]["val_accuracy"]) for runs in groups.values()
-            if len(runs) == 2]
-    if gaps:
-        lines.append(f"\nTwo seeds of one candidate differ by {min(gaps):.2f} to {max(gaps):.2f} "
-                     f"points ({np.mean(gaps):.2f} on average, {len(gaps)} candidates): one run's "
-                     f"standard deviation is about {np.mean(gaps) * np.pi ** 0.5 / 2:.2f}.")
+    # the noise: the spread of one candidate's seeds around their mean, pooled over candidates
+    # (each candidate's own mean is taken out, so a candidate's effect does not count as noise)
+    spread = [runs for runs in groups.values() if len(runs) >= 2]
+    if spread:
+        squares = sum(np.sum((np.array([r["val_accuracy"] for r in runs]) - np.mean(
+            [r["val_accuracy"] for r in runs])) ** 2) for runs in spread)
+        sd = (squares / sum(len(runs) - 1 for runs in spread)) ** 0.5
+        ranges = [np.ptp([r["val_accuracy"] for r in runs]) for runs in spread]
+        lines.append(f"\nThe seeds of one candidate lie {min(ranges):.2f} to {max(ranges):.2f} "
+                     f"points apart ({len(spread)} candidates with two or more seeds): one run's "
+                     f"standard deviation, pooled, is about {sd:.2f}.")
     return lines
 
 

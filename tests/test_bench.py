@@ -78,7 +78,11 @@ def test_screen_summary_compares_each_candidate_with_the_baseline_on_the_same_se
     assert lines[2].startswith("| shipped | k, p | 0 1 | 91.50% | +0.00 |")
     assert lines[3] == "| b | k, p | 2 | 93.00% | - | 10 | 20 | - |"  # no baseline on seed 2
     assert lines[4] == "| a | k, p | 0 | 91.50% | +0.50 | 10 | 20 | 1.50x |"
-    assert "differ by 1.00 to 1.00 points" in lines[-1] and "about 0.89." in lines[-1]  # shipped's gap
+    assert "lie 1.00 to 1.00 points apart (1 candidates" in lines[-1]  # shipped's seeds only
+    assert "about 0.71." in lines[-1]  # the sample standard deviation of 91 and 92
+    three = screen.summary(rows + [row("a", 1, 92.5, 150), row("a", 2, 93.5, 150)])[-1]
+    assert "lie 1.00 to 2.00 points apart (2 candidates" in three
+    assert "about 0.91." in three  # sqrt((0.5 + 2) / (1 + 2)): each candidate around its own mean
 
 
 def test_confirm_trains_plain_train_with_the_candidates_recipe(tmp_path, monkeypatch):

@@ -114,6 +114,9 @@ CANDIDATES = {  # name: (changes of the Recipe, change of the model or None)
     # the MACs moved: 40/128/128 (519,264 params, 38.7 M MACs); block 3 at 7x7 (39.7 M MACs)
     "w40_128_128": ({"widths": (40, 128, 128)}, None),
     "w32_128_128_b3_7x7": ({"widths": (32, 128, 128)}, unpooled_last_block),
+    # weight decay (BN biases and the head only: Muon holds the filters' norm), 2x either way
+    "wd_4e-3": ({"decay_per_1024": 4e-3}, None),
+    "wd_1e-3": ({"decay_per_1024": 1e-3}, None),
     # the best two of the above together (each +0.1 on two seeds: within the noise alone)
     "ema_0.99_zca_1e-3": ({"average_decay": 0.99, "whitening_eps": 1e-3}, None),
 }

@@ -260,8 +260,9 @@ def summary(rows):
             g[0][:2], g[0][2] != "shipped", -np.mean([r["val_accuracy"] for r in g[1]]))):
         base = {r["seed"]: r for r in groups.get((kind, precision, "shipped"), [])}
         paired = [r for r in runs if r["seed"] in base]
-        delta = np.mean([r["val_accuracy"] - base[r["seed"]]["val_accuracy"] for r in paired])
-        ratio = np.mean([r["cpu_seconds"] / base[r["seed"]]["cpu_seconds"] for r in paired])
+        if paired:  # a candidate with no baseline on its seeds gets no difference or ratio
+            delta = np.mean([r["val_accuracy"] - base[r["seed"]]["val_accuracy"] for r in paired])
+            ratio = np.mean([r["cpu_seconds"] / base[r["seed"]]["cpu_seconds"] for r in paired])
         lines.append(f"| {name} | {kind}, {precision} | "
                      f"{' '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
                      f"{np.mean([r['val_accuracy'] for r in runs]):.2f}% | "

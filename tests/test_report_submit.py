@@ -94,7 +94,7 @@ def test_report_builds_markdown_and_pdf_from_records(made, tmp_path):
             "prediction result: ") in updated
     assert f"| ours against ResNet-20, accuracy | {build.against(build.read_records(model_dir, records))} |" in updated
     markdown = (out / "report.md").read_text()
-    assert markdown.startswith("# CIFAR-10 CNN classifier: report\n\nStudent: Jane Doe\nCourse: Deep Learning; Homework 1")
+    assert markdown.startswith("# CIFAR-10 CNN classifier: report\n\nStudent: Jane Doe\nCourse: Deep Learning; Homework 2")
     for text in ["seed 2 epoch  1/1", "$ python CNNclassify.py train", "(a) the code: main (line ",
                  "(h) inference time: inference_speed_test (line ", "(b) training and testing output: train (line ",
                  "(d) ResNet-20's test accuracy: resnet20 (line ", "in its faster memory layout",
@@ -213,7 +213,7 @@ def test_shipped_report_is_of_the_shipped_model_and_names_no_machine_path():
         assert all(C.epoch_line(run["seed"], row, results["epochs"]) in texts[-1] for row in run["history"])
     commands = re.findall(r"python CNNclassify\.py [^`\n]*", texts[-1])  # as shown, and run by a TA
     assert commands and not [c for c in commands if re.search(r"\.\./|\s/|--data-dir|--weights", c)]
-    assert "Harry Potter" not in texts[-1] and "Homework 1" in texts[-1]
+    assert "Harry Potter" not in texts[-1] and "Homework 2" in texts[-1]
 
 
 def test_shipped_report_prints_the_committed_code():
@@ -365,3 +365,26 @@ def test_the_script_says_where_report_and_submit_are(cli):
     assert "report/build.py" in cli("--help").stdout
     result = cli("report", "--author", "Harry Potter")  # not a command of the script
     assert result.returncode == 2 and result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evidence_quotes_the_screen_and_the_confirmations_as_computed_from_their_files(tmp_path, monkeypatch):
+    """The report's screen line is computed from bench/screen_rows.jsonl (paired gain on 3 seeds,
+    pooled spread, within or beyond two standard errors) and each confirmation from its record."""
+    (tmp_path / "bench" / "confirm" / "x").mkdir(parents=True)
+    row = lambda name, seed, acc: json.dumps({"candidate": name, "seed": seed, "val_accuracy": acc,
+                                              "cpu": "CPU (k)", "cpu_kind": "k", "precision": "p"})
+    rows = [row("shipped", s, a) for s, a in ((0, 91.0), (1, 92.0), (2, 91.5))]
+    rows += [row("x", s, a) for s, a in ((0, 91.2), (1, 92.2), (2, 91.7))]  # +0.20 each seed
+    rows += [row("y", s, a) for s, a in ((0, 90.0), (1, 91.0))]  # two seeds: no gain quoted
+    (tmp_path / "bench" / "screen_rows.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "bench" / "confirm" / "x" / C.RESULTS_FILE).write_text(json.dumps(
+        {"runs": [{"seed": 0, "test_accuracy": 92.5}, {"seed": 1, "test_accuracy": 92.125}]}))
+    monkeypatch.setattr(C, "ROOT", tmp_path)
+    (label, screen), (_, confirmed) = build.screen_rows()
+    assert label == "screen on 5,000 held-out training images"
+    assert screen.startswith("2 variants of the efficient preset, 2 to 3 seeds each (CPU (k), p); "
+                             "best gain over the preset on 3 seeds +0.20 points (x), one run's standard deviation "
+                             "about 0.55, so within two standard errors (0.89)")  # sqrt(1.5 / 5): each own mean out
+    assert confirmed == "92.50% test accuracy, seed 0, 92.12% test accuracy, seed 1 (bench/confirm/x/results.json)"
+    (tmp_path / "bench" / "screen_rows.jsonl").unlink()
+    assert build.screen_rows() == []  # a hand-in without bench/

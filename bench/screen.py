@@ -248,36 +248,53 @@ def table(rows):
     return lines
 
 
-def summary(rows):
-    """One line per candidate: its mean over seeds and the difference from the `shipped` rows of
-    the same seeds, CPU kind and precision (paired: a seed's data order is the same)."""
-    lines = ["| candidate | CPU, precision | seeds | mean val acc | vs shipped, same seeds | "
-             "params | MACs | CPU time ratio |", "|" + " --- |" * 8]
+def groups_of(rows):
+    """{(CPU kind, precision, candidate): its rows}: rows compare only within a CPU kind and
+    precision."""
     groups = {}
     for row in rows:
         groups.setdefault((row["cpu_kind"], row["precision"], row["candidate"]), []).append(row)
+    return groups
+
+
+def paired_mean(runs, base, field, compare):
+    """The mean of compare(run, the baseline run of its seed) over the seeds both have (paired:
+    a seed's data order is the same), or None when they share no seed."""
+    base = {r["seed"]: r for r in base}
+    pairs = [compare(r[field], base[r["seed"]][field]) for r in runs if r["seed"] in base]
+    return np.mean(pairs) if pairs else None
+
+
+def pooled_sd(groups):
+    """One run's standard deviation: the spread of each group's seeds around its own mean (so a
+    candidate's effect does not count as noise), pooled over the groups with two or more."""
+    spread = [[r["val_accuracy"] for r in runs] for runs in groups if len(runs) >= 2]
+    squares = sum(np.sum((np.array(accs) - np.mean(accs)) ** 2) for accs in spread)
+    return (squares / sum(len(accs) - 1 for accs in spread)) ** 0.5 if spread else None
+
+
+def summary(rows):
+    """One line per candidate: its mean over seeds and the difference from the `shipped` rows of
+    the same seeds, CPU kind and precision."""
+    lines = ["| candidate | CPU, precision | seeds | mean val acc | vs shipped, same seeds | "
+             "params | MACs | CPU time ratio |", "|" + " --- |" * 8]
+    groups = groups_of(rows)
     for (kind, precision, name), runs in sorted(groups.items(), key=lambda g: (
             g[0][:2], g[0][2] != "shipped", -np.mean([r["val_accuracy"] for r in g[1]]))):
-        base = {r["seed"]: r for r in groups.get((kind, precision, "shipped"), [])}
-        paired = [r for r in runs if r["seed"] in base]
-        if paired:  # a candidate with no baseline on its seeds gets no difference or ratio
-            delta = np.mean([r["val_accuracy"] - base[r["seed"]]["val_accuracy"] for r in paired])
-            ratio = np.mean([r["cpu_seconds"] / base[r["seed"]]["cpu_seconds"] for r in paired])
+        base = groups.get((kind, precision, "shipped"), [])
+        delta = paired_mean(runs, base, "val_accuracy", lambda a, b: a - b)
+        ratio = paired_mean(runs, base, "cpu_seconds", lambda a, b: a / b)
         lines.append(f"| {name} | {kind}, {precision} | "
                      f"{' '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
                      f"{np.mean([r['val_accuracy'] for r in runs]):.2f}% | "
-                     f"{f'{delta:+.2f}' if paired else '-'} | {runs[0]['params']:,} | "
-                     f"{runs[0]['macs']:,} | {f'{ratio:.2f}x' if paired else '-'} |")
-    # the noise: the spread of one candidate's seeds around their mean, pooled over candidates
-    # (each candidate's own mean is taken out, so a candidate's effect does not count as noise)
-    spread = [runs for runs in groups.values() if len(runs) >= 2]
-    if spread:
-        squares = sum(np.sum((np.array([r["val_accuracy"] for r in runs]) - np.mean(
-            [r["val_accuracy"] for r in runs])) ** 2) for runs in spread)
-        sd = (squares / sum(len(runs) - 1 for runs in spread)) ** 0.5
-        ranges = [np.ptp([r["val_accuracy"] for r in runs]) for runs in spread]
+                     f"{'-' if delta is None else f'{delta:+.2f}'} | {runs[0]['params']:,} | "
+                     f"{runs[0]['macs']:,} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+    sd = pooled_sd(groups.values())
+    if sd is not None:
+        ranges = [np.ptp([r["val_accuracy"] for r in runs]) for runs in groups.values()
+                  if len(runs) >= 2]
         lines.append(f"\nThe seeds of one candidate lie {min(ranges):.2f} to {max(ranges):.2f} "
-                     f"points apart ({len(spread)} candidates with two or more seeds): one run's "
+                     f"points apart ({len(ranges)} candidates with two or more seeds): one run's "
                      f"standard deviation, pooled, is about {sd:.2f}.")
     return lines
 

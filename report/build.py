@@ -13,6 +13,7 @@ code, opened by a map from each item to its function and line.
 """
 import argparse
 import ast
+import importlib.util
 import io
 import json
 import re
@@ -240,30 +241,35 @@ def evidence_rows(records):
 
 def screen_rows():
     """The screen of variants of the efficient preset on the 5,000 held-out training images
-    (bench/screen.py): how many, the best paired gain over the preset on 3 seeds, one run's
-    spread; and the test accuracy of those confirmed by plain train (bench/confirm.py)."""
+    (bench/screen.py, whose arithmetic it uses): per CPU kind and precision, how many, the best
+    paired gain over the preset on 3 seeds, one run's spread; and the test accuracy of those
+    confirmed by plain train (bench/confirm.py)."""
     path = C.ROOT / EVIDENCE["screen"]
     if not path.is_file():
         return []
-    runs = {}
-    for line in filter(str.strip, path.read_text().splitlines()):
-        row = json.loads(line)
-        runs.setdefault(row["candidate"], {})[row["seed"]] = row
-    base = runs.pop("shipped", {})
-    gains = {name: np.mean([r["val_accuracy"] - base[s]["val_accuracy"] for s, r in seeds.items()])
-             for name, seeds in runs.items() if len(seeds) >= 3 and set(seeds) <= set(base)}
-    spread = [list(seeds.values()) for seeds in [*runs.values(), base] if len(seeds) >= 2]
-    sd = (sum(np.var([r["val_accuracy"] for r in rs]) * len(rs) for rs in spread)
-          / sum(len(rs) - 1 for rs in spread)) ** 0.5
-    one, best = next(iter(base.values())), max(gains, key=gains.get, default=None)
-    noise = 2 * sd * (2 / 3) ** 0.5  # two standard errors of a 3-seed mean's difference
-    counts = sorted({len(seeds) for seeds in runs.values()})
-    rows = [("screen on 5,000 held-out training images", f"{len(runs)} variants of the efficient "
-             f"preset, {counts[0]} to {counts[-1]} seeds each ({one['cpu'].split(' (')[0]} "
-             f"({one['cpu_kind']}), {one['precision']}); best gain over the preset on 3 seeds "
-             f"{gains[best]:+.2f} points ({best}), one run's standard deviation about {sd:.2f}, "
-             f"so {'within' if gains[best] <= noise else 'beyond'} two standard errors "
-             f"({noise:.2f}); {EVIDENCE['screen']}")] if best else []
+    spec = importlib.util.spec_from_file_location("screen", Path(C.__file__).parent / "bench"
+                                                  / "screen.py")
+    screen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screen)
+    groups, rows = screen.groups_of(screen.read_rows(path)), []
+    for kind, precision, _ in [key for key in groups if key[2] == "shipped"]:
+        runs = {name: group for (k, p, name), group in groups.items()
+                if (k, p) == (kind, precision) and name != "shipped"}
+        base = groups[kind, precision, "shipped"]
+        gains = {name: screen.paired_mean(group, base, "val_accuracy", lambda a, b: a - b)
+                 for name, group in runs.items() if len(group) >= 3 and
+                 {r["seed"] for r in group} <= {r["seed"] for r in base}}
+        if not gains:
+            continue
+        best, sd = max(gains, key=gains.get), screen.pooled_sd([*runs.values(), base])
+        noise = 2 * sd * (2 / 3) ** 0.5  # two standard errors of a 3-seed mean's difference
+        counts = sorted({len(group) for group in runs.values()})
+        rows.append(("screen on 5,000 held-out training images", f"{len(runs)} variants of the "
+                     f"efficient preset, {counts[0]} to {counts[-1]} seeds each ({base[0]['cpu']}, "
+                     f"{precision}); best gain over the preset on 3 seeds {gains[best]:+.2f} "
+                     f"points ({best}), one run's standard deviation about {sd:.2f}, so "
+                     f"{'within' if gains[best] <= noise else 'beyond'} two standard errors "
+                     f"({noise:.2f}); {EVIDENCE['screen']}"))
     for record in sorted((C.ROOT / EVIDENCE["confirm"]).glob(f"*/{C.RESULTS_FILE}")):
         result = json.loads(record.read_text())
         rows.append((f"a screened change trained by plain train: {record.parent.name}", ", ".join(
